@@ -1,0 +1,23 @@
+# Herald's two commands: `make run` (embedded default, chat page on :8000) and `make test`.
+PORT ?= 8000
+HOST ?= 127.0.0.1
+PYTEST_ARGS ?=
+
+.PHONY: run test lint bench
+
+run:
+	scripts/bootstrap run
+	.venv/bin/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT) --loop uvloop --http httptools
+
+test:
+	scripts/bootstrap test
+	.venv/bin/pytest $(PYTEST_ARGS)
+
+lint:
+	scripts/bootstrap test
+	.venv/bin/ruff check app tests bench
+	.venv/bin/mypy
+
+bench:
+	scripts/bootstrap test
+	.venv/bin/python -m bench

@@ -1,0 +1,1 @@
+"""Herald: a real-time push gateway for asynchronous operations."""

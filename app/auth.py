@@ -1,0 +1,95 @@
+"""Subscribe tokens: signed with ``HERALD_SECRET``, scoped to topics, expiring.
+
+A browser's ``EventSource`` cannot set headers, so the URLs Herald hands out carry a
+token in ``?token=``. The token is a compact HS256 JWT whose ``topics`` claim lists
+exactly the topics it opens; ``exp`` bounds its life. Verification is offline: any
+gateway process holding the same secret accepts it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import jwt
+
+_ALGORITHM = "HS256"
+_AUDIENCE = "herald:subscribe"
+
+
+class TokenError(Exception):
+    """A subscribe token is missing, forged, expired, or does not open the topic.
+
+    ``status`` is the HTTP status to answer with: 401 (no valid token) or 403 (valid,
+    but not for this topic).
+    """
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a verified token allows."""
+
+    topics: frozenset[str]
+    subject: str | None
+    expires_at: int
+
+
+class TokenSigner:
+    """Issues and verifies subscribe tokens with one secret."""
+
+    def __init__(self, secret: str, *, ttl: int = 3600) -> None:
+        if len(secret) < 16:
+            raise ValueError("HERALD_SECRET must be at least 16 characters")
+        self._secret = secret
+        self.ttl = ttl
+
+    def issue(self, topics: Iterable[str], *, subject: str | None = None, ttl: int | None = None) -> str:
+        """A token that opens ``topics`` for ``ttl`` seconds (default: the signer's)."""
+        now = int(time.time())
+        claims: dict[str, object] = {
+            "aud": _AUDIENCE,
+            "topics": sorted(set(topics)),
+            "iat": now,
+            "exp": now + (self.ttl if ttl is None else ttl),
+        }
+        if subject is not None:
+            claims["sub"] = subject
+        return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
+
+    def verify(self, token: str | None) -> Grant:
+        """The grant of a valid token; :class:`TokenError` (401) otherwise."""
+        if not token:
+            raise TokenError(401, "a subscribe token is required (?token= or the herald_token cookie)")
+        if len(token) > 8192:
+            raise TokenError(401, "subscribe token is too long")
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=[_ALGORITHM],
+                audience=_AUDIENCE,
+                options={"require": ["exp", "topics"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise TokenError(401, "subscribe token has expired") from exc
+        except jwt.InvalidTokenError as exc:
+            raise TokenError(401, "subscribe token is not valid") from exc
+        topics = claims.get("topics")
+        if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
+            raise TokenError(401, "subscribe token has no valid topics claim")
+        subject = claims.get("sub")
+        return Grant(frozenset(topics), subject if isinstance(subject, str) else None, int(claims["exp"]))
+
+    def check(self, token: str | None, topics: Iterable[str]) -> Grant:
+        """Verify ``token`` and that it opens every one of ``topics`` (403 if not)."""
+        grant = self.verify(token)
+        missing = [t for t in topics if t not in grant.topics]
+        if missing:
+            raise TokenError(403, f"subscribe token does not open topic {missing[0]!r}")
+        return grant

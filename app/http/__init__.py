@@ -1,0 +1,1 @@
+"""The HTTP edge: commands, operations, push endpoints, and the problem documents they answer with."""

@@ -1,0 +1,174 @@
+"""``GET /openapi.json``: the HTTP API as OpenAPI 3.1, built from the registered commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.http.commands import Command
+
+_PROBLEM = {"$ref": "#/components/schemas/Problem"}
+_OPERATION = {"$ref": "#/components/schemas/Operation"}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {"schema": _PROBLEM}}}
+
+
+def _path_params(path: str) -> list[dict[str, Any]]:
+    names = [part[1:-1] for part in path.split("/") if part.startswith("{")]
+    return [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
+
+
+def _command_op(command: Command) -> dict[str, Any]:
+    op_body = {"application/json": {"schema": _OPERATION}}
+    return {
+        "summary": command.summary,
+        "operationId": f"post_{command.event_type}",
+        "parameters": [
+            *_path_params(command.path),
+            {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}},
+            {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"}},
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": command.body_schema or {"type": "object"}}},
+        },
+        "responses": {
+            "202": {"description": "Accepted: follow the operation", "content": op_body},
+            "200": {"description": "Finished within Prefer: wait", "content": op_body},
+            "400": _problem("Malformed JSON or header"),
+            "401": _problem("Missing or invalid bearer token"),
+            "404": _problem("No such resource"),
+            "413": _problem("Body too large"),
+            "415": _problem("Not JSON"),
+            "422": _problem("Invalid command, or Idempotency-Key reused with another body"),
+            "429": _problem("Too many commands"),
+            "503": _problem("Broker unavailable or shutting down"),
+        },
+    }
+
+
+def build_openapi(commands: list[Command]) -> dict[str, Any]:
+    """The OpenAPI document."""
+    paths: dict[str, Any] = {}
+    for command in commands:
+        paths.setdefault(command.path, {})["post"] = _command_op(command)
+    op_param = [{"name": "operation_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    stream = {"text/event-stream": {"schema": {"type": "string"}}}
+    paths["/operations/{operation_id}"] = {
+        "get": {
+            "summary": "Poll an operation (303 to the created resource once it succeeded, unless ?view=status)",
+            "operationId": "get_operation",
+            "parameters": [
+                *op_param,
+                {"name": "wait", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0}},
+                {"name": "view", "in": "query", "required": False, "schema": {"type": "string", "enum": ["status"]}},
+            ],
+            "responses": {
+                "200": {"description": "The operation", "content": {"application/json": {"schema": _OPERATION}}},
+                "303": {"description": "Succeeded: see the created resource"},
+                "304": {"description": "Not modified (If-None-Match)"},
+                "400": _problem("Bad query"),
+                "404": _problem("Unknown or expired"),
+                "503": _problem("Broker unavailable"),
+            },
+        },
+        "delete": {
+            "summary": "Ask to cancel an operation",
+            "operationId": "cancel_operation",
+            "parameters": op_param,
+            "responses": {
+                "202": {"description": "Cancel requested", "content": {"application/json": {"schema": _OPERATION}}},
+                "404": _problem("Unknown or expired"),
+                "409": _problem("Already ended"),
+                "503": _problem("Broker unavailable"),
+            },
+        },
+    }
+    token = {"name": "token", "in": "query", "required": False, "schema": {"type": "string"}}
+    resume = {"name": "last_event_id", "in": "query", "required": False, "schema": {"type": "string"}}
+    sse_errors = {
+        "400": _problem("Bad topic or cursor"),
+        "401": _problem("Missing or invalid token"),
+        "403": _problem("Token does not open the topic"),
+        "404": _problem("Unknown operation"),
+        "503": _problem("Broker unavailable or too many connections"),
+    }
+    paths["/operations/{operation_id}/events"] = {
+        "get": {
+            "summary": "The operation's events as SSE, from its first to its terminal one",
+            "operationId": "operation_events",
+            "parameters": [*op_param, token, resume],
+            "responses": {"200": {"description": "Event stream", "content": stream}, **sse_errors},
+        }
+    }
+    paths["/topics/events"] = {
+        "get": {
+            "summary": "Several topics on one SSE stream",
+            "operationId": "topics_events",
+            "parameters": [
+                {"name": "topic", "in": "query", "required": True, "schema": {"type": "array", "items": {"type": "string"}},
+                 "style": "form", "explode": True},
+                token,
+                resume,
+            ],
+            "responses": {"200": {"description": "Event stream", "content": stream}, **sse_errors},
+        }
+    }
+    for path, summary in (("/healthz", "The process is alive"), ("/readyz", "The broker is reachable")):
+        paths[path] = {"get": {"summary": summary, "operationId": path.strip("/"),
+                               "responses": {"200": {"description": "OK"}, "503": _problem("Not ready")}}}
+    paths["/chats/{room}"] = {"get": {
+        "summary": "A room's URLs and subscribe token", "operationId": "get_room",
+        "parameters": _path_params("/chats/{room}"),
+        "responses": {"200": {"description": "The room", "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "404": _problem("Invalid room name")},
+    }}
+    paths["/chats/{room}/messages"]["get"] = {
+        "summary": "Recent messages", "operationId": "list_messages",
+        "parameters": [*_path_params("/chats/{room}"),
+                       {"name": "limit", "in": "query", "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 500}}],
+        "responses": {"200": {"description": "Messages", "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "400": _problem("Bad limit"), "404": _problem("Invalid room name"),
+                      "503": _problem("Broker unavailable")},
+    }
+    paths["/chats/{room}/messages/{message_id}"] = {"get": {
+        "summary": "One message", "operationId": "get_message",
+        "parameters": _path_params("/chats/{room}/messages/{message_id}"),
+        "responses": {"200": {"description": "The message", "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "404": _problem("No such message"), "503": _problem("Broker unavailable")},
+    }}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Herald", "version": "0.1.0",
+                 "description": "Real-time push gateway for asynchronous operations."},
+        "paths": paths,
+        "components": {"schemas": {
+            "Problem": {
+                "type": "object",
+                "required": ["type", "title", "status"],
+                "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                               "status": {"type": "integer"}, "detail": {"type": "string"}},
+            },
+            "Operation": {
+                "type": "object",
+                "required": ["id", "type", "status", "created_at", "updated_at", "operation_url", "subscribe_url",
+                             "websocket_url", "events_url"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "type": {"type": "string"},
+                    "status": {"type": "string", "enum": ["pending", "running", "succeeded", "failed", "canceled"]},
+                    "created_at": {"type": "string"},
+                    "updated_at": {"type": "string"},
+                    "operation_url": {"type": "string"},
+                    "subscribe_url": {"type": "string"},
+                    "websocket_url": {"type": "string"},
+                    "events_url": {"type": "string"},
+                    "location": {"type": "string"},
+                    "result": {},
+                    "error": {"type": ["object", "null"]},
+                },
+            },
+        }},
+    }

@@ -1,0 +1,414 @@
+"""Push endpoints: Server-Sent Events and the WebSocket.
+
+Each connection is one :class:`~app.hub.Subscriber` and one coroutine that writes what
+the hub queues for it: pre-framed bytes, batched into one write when several are
+waiting. SSE needs one more small task, to notice the client going away (uvicorn's
+``send`` stays silent after a disconnect); the WebSocket's reader is that task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from urllib.parse import unquote
+
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from app.auth import TokenError
+from app.broker.base import BrokerError, HistoryPage
+from app.http.commands import parse_prefer, submit
+from app.http.gateway import Gateway
+from app.http.problems import HTTPProblem, problem_response
+from app.hub import HEARTBEAT, Subscriber
+from app.operations import operation_topic
+from app.protocol import (
+    SSE_HEADERS,
+    SSE_HEARTBEAT,
+    WS_CLOSE_POLICY,
+    WS_CLOSE_SHUTDOWN,
+    WS_CLOSE_SLOW,
+    WS_CLOSE_TOO_BIG,
+    WS_CLOSE_UNAUTHORIZED,
+    WS_CLOSE_UNSUPPORTED,
+    Frame,
+    ProtocolError,
+    format_vector_cursor,
+    parse_client_frame,
+    parse_cursor,
+    parse_vector_cursor,
+    sse_control,
+    sse_retry,
+    validate_topic,
+    ws_message,
+)
+
+log = logging.getLogger("herald.push")
+
+RECONNECT_REASONS = {
+    "slow-consumer": "fell behind; reconnect with your cursor and nothing is lost",
+    "shutdown": "this gateway process is stopping; reconnect (to another) with your cursor",
+}
+
+
+def _token(conn: HTTPConnection) -> str | None:
+    return conn.query_params.get("token") or conn.cookies.get("herald_token")
+
+
+def _check_capacity(gateway: Gateway) -> None:
+    if not gateway.accepting:
+        raise HTTPProblem(503, "this gateway is shutting down; connect to another", kind="shutting-down",
+                          headers={"Retry-After": "1"})
+    if gateway.hub.connections >= gateway.settings.max_connections:
+        raise HTTPProblem(503, "this gateway holds as many connections as it is allowed",
+                          kind="too-many-connections", headers={"Retry-After": "5"})
+
+
+def _authorize(gateway: Gateway, conn: HTTPConnection, topics: list[str]) -> None:
+    try:
+        gateway.signer.check(_token(conn), topics)
+    except TokenError as exc:
+        raise HTTPProblem(exc.status, exc.detail, kind="invalid-token" if exc.status == 401 else "forbidden-topic",
+                          headers={"WWW-Authenticate": 'Bearer realm="herald"'} if exc.status == 401 else None
+                          ) from exc
+
+
+# SSE ---------------------------------------------------------------------------------
+
+class EventStream(Response):
+    """An SSE response that follows topics through the hub until the client leaves."""
+
+    def __init__(self, gateway: Gateway, topics: list[str], cursors: list[str | None], *, end_on_terminal: bool):
+        super().__init__()
+        self.gateway = gateway
+        self.topics = topics
+        self.cursors = cursors
+        self.end_on_terminal = end_on_terminal
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Follow the topics, then stream until the client, the hub or a terminal event ends it."""
+        gateway = self.gateway
+        hub = gateway.hub
+        sub = Subscriber(gateway.settings.queue_size, "sse")
+        vector = len(self.topics) > 1
+        positions = list(self.cursors)
+        preamble = [sse_retry(gateway.settings.retry_ms)]
+        try:
+            for i, topic in enumerate(self.topics):
+                from_start = topic.startswith("operations/")
+
+                def announce(start: str | None, page: HistoryPage | None, i: int = i, topic: str = topic) -> None:
+                    if positions[i] is None:
+                        positions[i] = start
+                    if page is not None and page.truncated:
+                        preamble.append(sse_control("herald.gap", {
+                            "topic": topic, "cursor": self.cursors[i], "oldest": page.oldest,
+                            "detail": "events after your cursor are no longer kept; some were missed",
+                        }))
+
+                await hub.follow(sub, topic, self.cursors[i], from_start=from_start, announce=announce)
+        except BrokerError:
+            await hub.leave(sub)
+            await problem_response(HTTPProblem(503, "the broker is unreachable", kind="broker-unavailable",
+                                               headers={"Retry-After": "2"}))(scope, receive, send)
+            return
+        sub.task = asyncio.current_task()  # type: ignore[assignment]
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, sub))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            await send({"type": "http.response.body", "body": b"".join(preamble), "more_body": True})
+            await self._pump(sub, send, vector, positions)
+        except asyncio.CancelledError:
+            if sub.reason != "slow-consumer":
+                raise
+            log.info("cut off a slow SSE client", extra={"event": "push.slow_consumer"})
+            return
+        finally:
+            watcher.cancel()
+            await hub.leave(sub)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _pump(self, sub: Subscriber, send: Send, vector: bool, positions: list[str | None]) -> None:
+        index = {t: i for i, t in enumerate(self.topics)}
+        while True:
+            batch = await sub.next_batch()
+            if not batch:
+                if sub.reason in RECONNECT_REASONS:
+                    last = format_vector_cursor(positions) if vector else positions[0]
+                    await send({"type": "http.response.body", "more_body": True, "body": sse_control(
+                        "herald.disconnect",
+                        {"reason": sub.reason, "detail": RECONNECT_REASONS[sub.reason], "reconnect": True,
+                         "cursor": last},
+                    )})
+                return
+            parts: list[bytes] = []
+            ended = False
+            for item in batch:
+                if item is HEARTBEAT:
+                    parts.append(SSE_HEARTBEAT)
+                    continue
+                assert isinstance(item, Frame)
+                if vector:
+                    positions[index[item.topic]] = item.cursor
+                    parts.append(b"id: " + format_vector_cursor(positions).encode() + b"\n" + item.sse_tail)
+                else:
+                    positions[0] = item.cursor
+                    parts.append(item.sse)
+                if item.terminal and self.end_on_terminal:
+                    ended = True
+                    break
+            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
+            if ended:
+                return
+
+
+async def _watch_disconnect(receive: Receive, sub: Subscriber) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    sub.close("client-gone")
+
+
+def _last_event_id(request: Request) -> str | None:
+    return request.headers.get("last-event-id") or request.query_params.get("last_event_id") or None
+
+
+def _cursors_for(request: Request, topics: list[str]) -> list[str | None]:
+    raw = _last_event_id(request)
+    if raw is None:
+        return [None] * len(topics)
+    try:
+        if len(topics) == 1:
+            parse_cursor(raw)
+            return [raw]
+        return parse_vector_cursor(raw, len(topics))
+    except ProtocolError as exc:
+        raise HTTPProblem(400, f"Last-Event-ID: {exc}", kind="bad-cursor") from exc
+
+
+def _topics(raw: list[str], gateway: Gateway) -> list[str]:
+    if not raw:
+        raise HTTPProblem(400, "name at least one topic: ?topic=...", kind="bad-topic")
+    if len(raw) > gateway.settings.max_topics_per_connection:
+        raise HTTPProblem(400, f"at most {gateway.settings.max_topics_per_connection} topics per connection",
+                          kind="too-many-topics")
+    try:
+        topics = [validate_topic(t) for t in raw]
+    except ProtocolError as exc:
+        raise HTTPProblem(400, str(exc), kind="bad-topic") from exc
+    if len(set(topics)) != len(topics):
+        raise HTTPProblem(400, "a topic is named twice", kind="bad-topic")
+    return topics
+
+
+async def operation_events(request: Request) -> Response:
+    """``GET /operations/{id}/events``: the operation's events from its first, ending after the terminal one."""
+    gateway = Gateway.of(request)
+    op_id = request.path_params["operation_id"]
+    topic = operation_topic(op_id)
+    try:
+        validate_topic(topic)
+    except ProtocolError as exc:
+        raise HTTPProblem(404, "no such operation", kind="operation-not-found") from exc
+    _authorize(gateway, request, [topic])
+    _check_capacity(gateway)
+    try:
+        op = await gateway.broker.get_operation(op_id)
+    except BrokerError as exc:
+        raise HTTPProblem(503, "the broker is unreachable", kind="broker-unavailable",
+                          headers={"Retry-After": "2"}) from exc
+    if op is None:
+        raise HTTPProblem(404, f"no operation {op_id!r} (unknown or expired)", kind="operation-not-found")
+    return EventStream(gateway, [topic], _cursors_for(request, [topic]), end_on_terminal=True)
+
+
+async def topic_events(request: Request) -> Response:
+    """``GET /topics/{topic}/events`` or ``GET /topics/events?topic=a&topic=b``."""
+    gateway = Gateway.of(request)
+    one = request.path_params.get("topic")
+    topics = _topics([unquote(one)] if one else request.query_params.getlist("topic"), gateway)
+    _authorize(gateway, request, topics)
+    _check_capacity(gateway)
+    single_operation = len(topics) == 1 and topics[0].startswith("operations/")
+    return EventStream(gateway, topics, _cursors_for(request, topics), end_on_terminal=single_operation)
+
+
+# WebSocket -----------------------------------------------------------------------------
+
+class SocketSession:
+    """One WebSocket: a reader (this task's child) and a writer (the endpoint's own coroutine)."""
+
+    def __init__(self, gateway: Gateway, websocket: WebSocket) -> None:
+        self.gateway = gateway
+        self.ws = websocket
+        self.sub = Subscriber(gateway.settings.queue_size, "ws")
+        self.url_token = _token(websocket)
+        self.close_code = 1000
+        self.close_reason = ""
+        self._commands: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        """Serve the socket until either side ends it."""
+        await self.ws.accept()
+        self.sub.task = asyncio.current_task()  # type: ignore[assignment]
+        reader = asyncio.ensure_future(self._read())
+        try:
+            for topic in self.ws.query_params.getlist("topic"):
+                await self._subscribe(topic, None, None, None)
+            await self._write()
+        except asyncio.CancelledError:
+            if self.sub.reason != "slow-consumer":
+                raise
+        finally:
+            reader.cancel()
+            for task in self._commands:
+                task.cancel()
+            await self.gateway.hub.leave(self.sub)
+        if self.sub.reason in ("slow-consumer", "shutdown"):
+            self.close_code = WS_CLOSE_SLOW if self.sub.reason == "slow-consumer" else WS_CLOSE_SHUTDOWN
+            self.close_reason = RECONNECT_REASONS[self.sub.reason]
+        if self.sub.reason != "client-gone":
+            try:
+                await self.ws.close(self.close_code, self.close_reason[:120])
+            except (RuntimeError, OSError):
+                pass
+
+    async def _write(self) -> None:
+        send = self.ws.send_text
+        while True:
+            batch = await self.sub.next_batch()
+            if not batch:
+                return
+            for item in batch:
+                if item is HEARTBEAT:
+                    continue  # the WebSocket layer's own pings keep the connection alive
+                await send(item.ws if isinstance(item, Frame) else item)  # type: ignore[arg-type]
+
+    def _fail(self, code: int, reason: str) -> None:
+        self.close_code = code
+        self.close_reason = reason
+        self.sub.close("protocol")
+
+    async def _read(self) -> None:
+        try:
+            while not self.sub.closed:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None:
+                    self._fail(WS_CLOSE_UNSUPPORTED, "binary messages are not supported; send JSON text")
+                    return
+                if len(text) > self.gateway.settings.max_ws_message:
+                    self._fail(WS_CLOSE_TOO_BIG, f"messages are limited to {self.gateway.settings.max_ws_message} bytes")
+                    return
+                await self._handle(text)
+        except WebSocketDisconnect:
+            pass
+        self.sub.close("client-gone")
+
+    async def _handle(self, text: str) -> None:
+        try:
+            frame = parse_client_frame(text)
+        except ProtocolError as exc:
+            self.sub.control(ws_message("error", code="bad-message", detail=str(exc)))
+            return
+        if frame.type == "ping":
+            self.sub.control(ws_message("pong", id=frame.id))
+        elif frame.type == "subscribe":
+            assert frame.topic is not None
+            await self._subscribe(frame.topic, frame.cursor, frame.token, frame.id)
+        elif frame.type == "unsubscribe":
+            assert frame.topic is not None
+            await self.gateway.hub.detach(self.sub, frame.topic)
+            self.sub.control(ws_message("unsubscribed", topic=frame.topic, id=frame.id))
+        else:
+            task = asyncio.ensure_future(self._command(frame.id, frame.command or {}))
+            self._commands.add(task)
+            task.add_done_callback(self._commands.discard)
+
+    async def _subscribe(self, topic: str, cursor: str | None, token: str | None, ref: Any) -> None:
+        gateway = self.gateway
+        try:
+            validate_topic(topic)
+            if cursor is not None:
+                parse_cursor(cursor)
+        except ProtocolError as exc:
+            self.sub.control(ws_message("error", code="bad-topic", topic=topic, id=ref, detail=str(exc)))
+            return
+        if topic in self.sub.positions:
+            self.sub.control(ws_message("error", code="already-subscribed", topic=topic, id=ref,
+                                        detail="already subscribed; unsubscribe first to move the cursor"))
+            return
+        if len(self.sub.positions) >= gateway.settings.max_topics_per_connection:
+            self._fail(WS_CLOSE_POLICY, f"at most {gateway.settings.max_topics_per_connection} topics per socket")
+            return
+        try:
+            gateway.signer.check(token or self.url_token, [topic])
+        except TokenError as exc:
+            if ref is None and token is None:  # a topic named in the URL: the whole socket is unauthorized
+                self._fail(WS_CLOSE_UNAUTHORIZED, exc.detail)
+                return
+            self.sub.control(ws_message("error", code="forbidden" if exc.status == 403 else "unauthorized",
+                                        status=exc.status, topic=topic, id=ref, detail=exc.detail))
+            return
+
+        def announce(start: str | None, page: HistoryPage | None) -> None:
+            self.sub.control(ws_message("subscribed", topic=topic, cursor=start, id=ref))
+            if page is not None and page.truncated:
+                self.sub.control(ws_message("gap", topic=topic, cursor=cursor, oldest=page.oldest,
+                                            detail="events after your cursor are no longer kept; some were missed"))
+
+        try:
+            await gateway.hub.follow(self.sub, topic, cursor, from_start=topic.startswith("operations/"),
+                                     announce=announce)
+        except BrokerError:
+            self.sub.control(ws_message("error", code="broker-unavailable", topic=topic, id=ref,
+                                        detail="the broker is unreachable; subscribe again shortly"))
+
+    async def _command(self, ref: Any, command: dict[str, Any]) -> None:
+        gateway = self.gateway
+        router = gateway.extras["commands"]
+        method = str(command.get("method", "")).upper()
+        path = str(command.get("path", ""))
+        headers = {k.lower(): v for k, v in command.get("headers", {}).items()}
+        matched = router.match(path) if method == "POST" else None
+        try:
+            if matched is None:
+                raise HTTPProblem(404, f"no command at {method} {path[:100]}", kind="no-such-command")
+            spec, params = matched
+            result = await submit(
+                self.ws, spec, params, command.get("body"),
+                path=path,
+                idempotency_key=headers.get("idempotency-key"),
+                prefer=parse_prefer([headers["prefer"]] if "prefer" in headers else [],
+                                    max_wait=gateway.settings.max_wait),
+                traceparent=headers.get("traceparent"),
+                owner=self.ws.scope.get("herald.subject"),
+            )
+        except HTTPProblem as exc:
+            self.sub.control(ws_message("error", id=ref, status=exc.status, problem=exc.document()))
+            return
+        self.sub.control(ws_message("operation", id=ref, status=result.status, operation=result.body))
+
+
+async def websocket_endpoint(websocket: WebSocket) -> None:
+    """``/ws``: subscribe, unsubscribe, ping and commands as JSON text messages."""
+    gateway = Gateway.of(websocket)
+    try:
+        _check_capacity(gateway)
+    except HTTPProblem as exc:
+        await websocket.close(1013, exc.detail[:120])
+        return
+    await SocketSession(gateway, websocket).run()
+
+
+routes = [
+    Route("/operations/{operation_id}/events", operation_events, methods=["GET"]),
+    Route("/topics/events", topic_events, methods=["GET"]),
+    Route("/topics/{topic:path}/events", topic_events, methods=["GET"]),
+    WebSocketRoute("/ws", websocket_endpoint),
+]

@@ -1,0 +1,306 @@
+"""This process's subscriptions: topic → local connections, each with a bounded queue.
+
+The hub holds one broker-level subscription per topic that at least one local connection
+follows, and hands every live frame to each of those connections' queues. Nothing is
+encoded here: a :class:`~app.protocol.Frame` is framed once and shared.
+
+A :class:`Subscriber` is one SSE stream or WebSocket. Its transport coroutine awaits
+:meth:`Subscriber.next_batch` and writes what it gets. When a queue would overflow, the
+subscriber is marked overflowed: its queue is dropped (memory stays bounded), the transport
+is told to close with ``slow-consumer`` as the reason, and if the transport does not get
+to write that within the grace period its task is cancelled. The client reconnects with its
+cursor and loses nothing still in the topic's history.
+
+Resume without gaps or repeats: a subscriber joins the live fan-out *before* the history
+is read, holds live frames for that topic while the history is replayed, and then lets
+through only frames with a cursor beyond the last one it already has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from app.broker.base import Broker, HistoryPage
+from app.protocol import Cursor, Frame, parse_cursor
+
+log = logging.getLogger("herald.hub")
+
+HEARTBEAT = object()
+"""Marker in a batch: time to send a heartbeat."""
+
+
+class Subscriber:
+    """One local connection's queue and positions in the topics it follows."""
+
+    __slots__ = (
+        "_held",
+        "_waiter",
+        "closed",
+        "heartbeat_due",
+        "max_queue",
+        "overflowed_at",
+        "positions",
+        "queue",
+        "reason",
+        "task",
+        "transport",
+    )
+
+    def __init__(self, max_queue: int, transport: str = "sse") -> None:
+        self.max_queue = max_queue
+        self.transport = transport
+        self.queue: deque[Frame | str] = deque()
+        self.positions: dict[str, Cursor | None] = {}
+        self._held: dict[str, list[Frame]] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.reason: str | None = None
+        self.heartbeat_due = False
+        self.overflowed_at: float | None = None
+        self.task: asyncio.Task[object] | None = None
+
+    # Called by the hub (on the event loop, never awaiting) ------------------------------
+    def push(self, frame: Frame) -> None:
+        """Queue a live frame, unless it is a repeat or the connection is closing."""
+        if self.closed:
+            return
+        held = self._held
+        if held is not None and frame.topic in held:
+            held[frame.topic].append(frame)
+            return
+        key = frame.key
+        last = self.positions.get(frame.topic)
+        if last is not None and key <= last:
+            return
+        self.positions[frame.topic] = key
+        if len(self.queue) >= self.max_queue:
+            self.overflow()
+            return
+        self.queue.append(frame)
+        self._wake()
+
+    def control(self, message: str) -> None:
+        """Queue a transport-level message (a WebSocket reply), in order with the frames."""
+        if not self.closed:
+            self.queue.append(message)
+            self._wake()
+
+    def overflow(self) -> None:
+        """Drop the queue and ask the transport to close as a slow consumer."""
+        self.queue.clear()
+        self.overflowed_at = time.monotonic()
+        self.close("slow-consumer")
+
+    def close(self, reason: str) -> None:
+        """Ask the transport to finish with ``reason``."""
+        if not self.closed:
+            self.closed = True
+            self.reason = reason
+            self._wake()
+
+    def beat(self) -> None:
+        """Ask the transport for a heartbeat."""
+        self.heartbeat_due = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # Called by the transport coroutine --------------------------------------------------
+    def hold(self, topic: str, cursor: str | None) -> None:
+        """Start following ``topic`` from ``cursor``; live frames wait until :meth:`replay`."""
+        if self._held is None:
+            self._held = {}
+        self._held[topic] = []
+        self.positions[topic] = parse_cursor(cursor) if cursor is not None else None
+
+    def replay(self, topic: str, frames: Iterable[Frame]) -> None:
+        """Queue the history read for ``topic``, then the live frames held meanwhile, without repeats."""
+        held = self._held.pop(topic, []) if self._held is not None else []
+        if not self._held:
+            self._held = None
+        for frame in frames:
+            self.push(frame)
+        for frame in held:
+            self.push(frame)
+
+    def forget(self, topic: str) -> None:
+        """Stop following ``topic``."""
+        self.positions.pop(topic, None)
+        if self._held is not None:
+            self._held.pop(topic, None)
+            if not self._held:
+                self._held = None
+
+    async def next_batch(self) -> list[Frame | str | object]:
+        """Wait for frames or a heartbeat; ``[]`` means closed (see :attr:`reason`)."""
+        while not self.queue and not self.heartbeat_due and not self.closed:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self.closed and not self.queue:
+            return []
+        batch: list[Frame | str | object] = list(self.queue)
+        self.queue.clear()
+        if self.heartbeat_due:
+            self.heartbeat_due = False
+            if not batch:
+                batch.append(HEARTBEAT)
+        return batch
+
+
+class Hub:
+    """Topic → local subscribers, over one broker subscription per topic."""
+
+    def __init__(self, broker: Broker, *, heartbeat: float = 15.0, slow_client_grace: float = 5.0) -> None:
+        self.broker = broker
+        self.heartbeat = heartbeat
+        self.slow_client_grace = slow_client_grace
+        self._topics: dict[str, set[Subscriber]] = {}
+        self._subscribers: set[Subscriber] = set()
+        self._ready: dict[str, asyncio.Future[None]] = {}
+        self._timer: asyncio.Task[None] | None = None
+        self.frames_dispatched = 0
+        self.slow_disconnects = 0
+        broker.set_sink(self.dispatch)
+
+    @property
+    def connections(self) -> int:
+        """How many subscribers are attached."""
+        return len(self._subscribers)
+
+    def topic_count(self) -> int:
+        """How many topics this process follows."""
+        return len(self._topics)
+
+    async def start(self) -> None:
+        """Start the single heartbeat timer."""
+        if self._timer is None:
+            self._timer = asyncio.create_task(self._tick(), name="hub-heartbeat")
+
+    async def close(self) -> None:
+        """Stop the timer and tell every subscriber to go."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for sub in list(self._subscribers):
+            sub.close("shutdown")
+
+    def shutdown(self, reason: str = "shutdown") -> None:
+        """Ask every subscriber to close with ``reason`` (they may reconnect elsewhere)."""
+        for sub in list(self._subscribers):
+            sub.close(reason)
+
+    def dispatch(self, frame: Frame) -> None:
+        """Hand a live frame to every local subscriber of its topic."""
+        subs = self._topics.get(frame.topic)
+        if not subs:
+            return
+        self.frames_dispatched += len(subs)
+        for sub in subs:
+            sub.push(frame)
+
+    async def attach(self, sub: Subscriber, topic: str) -> None:
+        """Add ``sub`` to ``topic``'s local fan-out, subscribing the broker on first use.
+
+        Later subscribers of a topic wait for the first one's broker subscription, so
+        nobody reads history before live frames are flowing.
+        """
+        self._subscribers.add(sub)
+        subs = self._topics.get(topic)
+        if subs is not None:
+            subs.add(sub)
+            ready = self._ready.get(topic)
+            if ready is not None:
+                await asyncio.shield(ready)
+            return
+        self._topics[topic] = {sub}
+        ready = self._ready[topic] = asyncio.get_running_loop().create_future()
+        try:
+            await self.broker.subscribe(topic)
+        except BaseException as exc:
+            self._topics.pop(topic, None)
+            ready.set_exception(exc if isinstance(exc, Exception) else ConnectionAbortedError("subscribe cancelled"))
+            ready.exception()  # retrieved here, so an unawaited failure is not logged as lost
+            raise
+        else:
+            ready.set_result(None)
+        finally:
+            self._ready.pop(topic, None)
+
+    async def detach(self, sub: Subscriber, topic: str) -> None:
+        """Remove ``sub`` from ``topic``; unsubscribe the broker when nobody local is left."""
+        sub.forget(topic)
+        subs = self._topics.get(topic)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs and topic not in self._ready:
+            del self._topics[topic]
+            try:
+                await self.broker.unsubscribe(topic)
+            except Exception:  # the broker re-syncs subscriptions on reconnect
+                log.warning("unsubscribe from %s failed", topic, exc_info=True)
+
+    async def leave(self, sub: Subscriber) -> None:
+        """Detach ``sub`` from every topic it follows."""
+        for topic in list(sub.positions):
+            await self.detach(sub, topic)
+        self._subscribers.discard(sub)
+        if sub.reason == "slow-consumer":
+            self.slow_disconnects += 1
+
+    async def follow(
+        self,
+        sub: Subscriber,
+        topic: str,
+        cursor: str | None,
+        *,
+        from_start: bool,
+        announce: Callable[[str | None, HistoryPage | None], None] | None = None,
+    ) -> HistoryPage | None:
+        """Attach ``sub`` to ``topic`` and queue what it missed.
+
+        With a cursor: everything after it. Without: from the oldest kept event when
+        ``from_start`` (an operation's stream), else only what is published from now on.
+        ``announce(start_cursor, page)`` runs just before the missed frames are queued, so a
+        transport can put its own reply ahead of them. Returns the history page read (so
+        the caller can report truncation), or ``None`` when starting live.
+        """
+        sub.hold(topic, cursor)
+        try:
+            await self.attach(sub, topic)
+            page: HistoryPage | None = None
+            start = cursor
+            if cursor is None and not from_start:
+                start = await self.broker.head(topic)
+                if start is not None:
+                    sub.positions[topic] = parse_cursor(start)
+            else:
+                page = await self.broker.read(topic, cursor)
+        except BaseException:
+            await self.detach(sub, topic)
+            raise
+        if announce is not None:
+            announce(start, page)
+        sub.replay(topic, (Frame.from_event(topic, s.cursor, s.event) for s in page.events) if page else ())
+        return page
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            now = time.monotonic()
+            for sub in list(self._subscribers):
+                if sub.overflowed_at is not None:
+                    if now - sub.overflowed_at > self.slow_client_grace and sub.task is not None:
+                        sub.task.cancel()
+                elif not sub.closed:
+                    sub.beat()

@@ -1,0 +1,147 @@
+"""``create_app()``: Herald's routes, and the lifespan that opens and closes the broker.
+
+Run it with ``uvicorn app.main:create_app --factory``. On the embedded default (no
+``REDIS_URL``) the chat worker runs inside this process; with Redis it runs as
+``python -m app.worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from app.auth import TokenSigner
+from app.broker import create_broker
+from app.chat import COMMANDS as CHAT_COMMANDS
+from app.chat import routes as chat_routes
+from app.chat.worker import WorkerSettings as ChatWorkerSettings
+from app.http import operations, push
+from app.http.commands import CommandRouter
+from app.http.gateway import Gateway
+from app.http.openapi import build_openapi
+from app.http.problems import HTTPProblem, handle_http_exception, handle_problem, problem_response
+from app.hub import Hub
+from app.logs import configure_logging
+from app.settings import Settings
+from app.worker import Worker
+
+log = logging.getLogger("herald.app")
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+
+async def healthz(request: Request) -> Response:
+    """The process is alive."""
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+async def readyz(request: Request) -> Response:
+    """The broker answers; 503 otherwise (take this process out of rotation)."""
+    gateway = Gateway.of(request)
+    if not gateway.accepting:
+        return problem_response(HTTPProblem(503, "shutting down", kind="shutting-down",
+                                            headers={"Retry-After": "1"}))
+    if not await gateway.broker.ping():
+        return problem_response(HTTPProblem(503, "the broker is unreachable", kind="broker-unavailable",
+                                            headers={"Retry-After": "2"}))
+    return Response(b'{"status":"ready"}', media_type="application/json")
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    """Last resort: log it, answer a problem without internals."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(HTTPProblem(500, "an unexpected error occurred; it has been logged",
+                                        kind="internal-error"))
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build Herald's ASGI app from ``settings`` (default: the environment)."""
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
+    broker = create_broker(
+        settings.redis_url,
+        history_size=settings.history_size,
+        operation_ttl=settings.operation_ttl,
+        history_ttl=settings.history_ttl,
+        visibility_timeout=settings.visibility_timeout,
+    )
+    hub = Hub(broker, heartbeat=settings.heartbeat, slow_client_grace=settings.slow_client_grace)
+    gateway = Gateway(settings=settings, broker=broker, hub=hub,
+                      signer=TokenSigner(settings.secret, ttl=settings.token_ttl))
+    router = CommandRouter()
+    for command in CHAT_COMMANDS:
+        router.add(command)
+    gateway.extras["commands"] = router
+    openapi = orjson.dumps(build_openapi(router.commands))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await broker.start()
+        await hub.start()
+        worker_task = None
+        worker = None
+        if settings.embedded_worker:
+            worker = Worker(broker, ChatWorkerSettings.handlers, name="embedded",
+                            concurrency=settings.worker_concurrency, max_attempts=settings.max_attempts,
+                            poll=0.5, shutdown_grace=2.0)
+            worker_task = asyncio.create_task(worker.run(), name="embedded-worker")
+        log.info("herald ready", extra={"broker": "redis" if settings.redis_url else "memory",
+                                        "embedded_worker": settings.embedded_worker})
+        try:
+            yield
+        finally:
+            gateway.accepting = False
+            await hub.close()
+            if worker is not None and worker_task is not None:
+                worker.stop()
+                await asyncio.wait([worker_task], timeout=5)
+            await broker.close()
+
+    async def openapi_json(request: Request) -> Response:
+        return Response(openapi, media_type="application/json")
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        *router.routes(),
+        *operations.routes,
+        *push.routes,
+        *chat_routes.routes,
+        Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="static"),
+    ]
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Content-Type", "Idempotency-Key", "Prefer", "Last-Event-ID", "Authorization",
+                           "If-None-Match", "traceparent"],
+            expose_headers=["Location", "Retry-After", "Preference-Applied", "ETag", "Content-Location"],
+            allow_credentials=True,
+        ))
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={
+            HTTPProblem: handle_problem,
+            HTTPException: handle_http_exception,
+            Exception: unexpected_error,
+        },
+    )
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,283 @@
+"""The worker SDK: handlers per request event type, each given a :class:`Context`.
+
+A worker takes request events from the broker (competing consumers), moves the
+operation to ``running``, and calls the handler registered for the event's type. The
+handler emits correlated response events and finishes the operation::
+
+    async def send_message(ctx: Context) -> None:
+        message = {...}
+        await ctx.emit("ChatMessageDelivered", message, topics=[f"chats/{room}"])
+        await ctx.succeed(message, location=f"/chats/{room}/messages/{message['id']}")
+
+    class WorkerSettings:
+        handlers = {"ChatMessageSent": send_message}
+
+Control flow, as in arq: raise :class:`Retry` to have the request handed out again later;
+any other exception fails the operation with a problem (the worker carries on); a
+handler that returns without finishing succeeds with its return value as the result.
+A request whose operation asked to be cancelled ends as ``canceled`` without running,
+and a handler can ask :meth:`Context.cancel_requested` at its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+from app.broker.base import Broker, BrokerError, Delivery, OperationNotFound
+from app.events import Event, build_event
+from app.operations import IllegalTransition, Operation, Status, operation_topic, problem
+
+log = logging.getLogger("herald.worker")
+
+PROBLEM_BASE = "https://herald.dev/problems/"
+
+
+class Retry(Exception):
+    """Raise in a handler to give the request back; it is handed out again after ``defer`` seconds."""
+
+    def __init__(self, defer: float = 0.0) -> None:
+        super().__init__(f"retry in {defer}s")
+        self.defer = defer
+
+
+class Failed(Exception):
+    """Raise in a handler to fail the operation with this problem."""
+
+    def __init__(self, title: str, detail: str | None = None, *, status: int = 422, type: str = "about:blank") -> None:
+        super().__init__(detail or title)
+        self.problem = problem(type, title, status, detail)
+
+
+class Context:
+    """What a handler gets: the request event and the means to answer it."""
+
+    def __init__(self, broker: Broker, event: Event, operation: Operation, *, source: str) -> None:
+        self.broker = broker
+        self.event = event
+        self.operation = operation
+        self.source = source
+        self.finished = False
+
+    @property
+    def operation_id(self) -> str:
+        """The correlation id of every event this handler emits."""
+        return self.operation.id
+
+    @property
+    def data(self) -> Any:
+        """The request event's payload."""
+        return self.event.data
+
+    async def emit(self, type: str, data: Any = None, *, topics: Iterable[str] = (), subject: str | None = None) -> Event:
+        """Publish a response event on the operation's topic and on each of ``topics``."""
+        event = build_event(
+            type,
+            data,
+            source=self.source,
+            subject=subject,
+            correlationid=self.operation.id,
+            causationid=self.event.id,
+            traceparent=self.event.traceparent,
+        )
+        await self.broker.publish(operation_topic(self.operation.id), event)
+        for topic in topics:
+            await self.broker.publish(topic, event)
+        return event
+
+    async def progress(self, data: Any) -> Event:
+        """Publish a ``herald.operation.progress`` event on the operation's topic."""
+        return await self.emit("herald.operation.progress", data)
+
+    async def succeed(self, result: Any = None, *, location: str | None = None) -> Operation:
+        """End the operation as ``succeeded``; ``location`` is the created resource, for the 303."""
+        return await self._finish(Status.SUCCEEDED, result=result, location=location)
+
+    async def fail(self, title: str, detail: str | None = None, *, status: int = 422, type: str = "about:blank") -> Operation:
+        """End the operation as ``failed`` with an RFC 9457 problem."""
+        return await self._finish(Status.FAILED, error=problem(type, title, status, detail))
+
+    async def cancel_requested(self) -> bool:
+        """Whether the client asked to cancel (reads the stored operation)."""
+        current = await self.broker.get_operation(self.operation.id)
+        return current is None or current.cancel_requested
+
+    async def canceled(self) -> Operation:
+        """End the operation as ``canceled`` (call after :meth:`cancel_requested` said so)."""
+        return await self._finish(Status.CANCELED)
+
+    async def _finish(self, status: Status, **fields: Any) -> Operation:
+        self.operation = await self.broker.transition(
+            self.operation.id, status, traceparent=self.event.traceparent, **fields
+        )
+        self.finished = True
+        return self.operation
+
+
+Handler = Callable[[Context], Awaitable[Any]]
+
+
+class Worker:
+    """Runs handlers for request events taken from a broker."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        handlers: Mapping[str, Handler],
+        *,
+        name: str | None = None,
+        # Limits
+        concurrency: int = 8,
+        max_attempts: int = 5,
+        # Timeouts
+        poll: float = 1.0,
+        shutdown_grace: float = 10.0,
+    ) -> None:
+        if not handlers:
+            raise ValueError("a worker needs at least one handler")
+        self.broker = broker
+        self.handlers = dict(handlers)
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.concurrency = concurrency
+        self.max_attempts = max_attempts
+        self.poll = poll
+        self.shutdown_grace = shutdown_grace
+        self.source = f"herald.worker/{self.name}"
+        self.handled = 0
+        self._stopping = asyncio.Event()
+        self._inflight: dict[asyncio.Task[None], Delivery] = {}
+
+    def stop(self) -> None:
+        """Stop taking new work; :meth:`run` returns once the current jobs finish or are released."""
+        self._stopping.set()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Consume until :meth:`stop` (or, with ``burst``, until no work is left)."""
+        types = list(self.handlers)
+        try:
+            while not self._stopping.is_set():
+                free = self.concurrency - len(self._inflight)
+                if free <= 0:
+                    await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    deliveries = await self.broker.consume(types, self.name, count=free, block=self.poll)
+                except BrokerError:
+                    log.warning("broker unavailable; retrying", exc_info=True)
+                    await asyncio.sleep(min(self.poll, 1.0))
+                    continue
+                for delivery in deliveries:
+                    task = asyncio.create_task(self._handle(delivery))
+                    self._inflight[task] = delivery
+                    task.add_done_callback(self._inflight.pop)
+                if burst and not deliveries:
+                    if not self._inflight:
+                        return
+                    await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        if not self._inflight:
+            return
+        pending = set(self._inflight)
+        _, unfinished = await asyncio.wait(pending, timeout=self.shutdown_grace)
+        for task in unfinished:
+            delivery = self._inflight.get(task)
+            task.cancel()
+            if delivery is not None:
+                try:
+                    await self.broker.release(delivery)
+                except BrokerError:
+                    log.warning("could not release %s; it is redelivered after the visibility timeout",
+                                delivery.delivery_id)
+        if unfinished:
+            await asyncio.wait(unfinished, timeout=1.0)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        event = delivery.event
+        try:
+            settle = await self._run_handler(delivery)
+        except BrokerError:
+            log.warning("broker error while handling %s; it will be redelivered", event.id, exc_info=True)
+            return
+        if settle == "ack":
+            await self._settle(self.broker.ack, delivery)
+        elif settle == "release":
+            await self._settle(self.broker.release, delivery)
+
+    async def _settle(self, action: Callable[[Delivery], Awaitable[None]], delivery: Delivery) -> None:
+        try:
+            await action(delivery)
+        except BrokerError:
+            log.warning("could not settle %s; it will be redelivered", delivery.delivery_id, exc_info=True)
+
+    async def _run_handler(self, delivery: Delivery) -> str:
+        event = delivery.event
+        op_id = event.correlationid
+        operation = await self.broker.get_operation(op_id) if op_id else None
+        if operation is None or operation.status.terminal:
+            return "ack"  # expired, or a repeat delivery of finished work
+        try:
+            if operation.cancel_requested:
+                await self.broker.transition(op_id, Status.CANCELED, traceparent=event.traceparent)
+                return "ack"
+            if operation.attempts >= self.max_attempts:
+                await self.broker.transition(
+                    op_id,
+                    Status.FAILED,
+                    error=problem(
+                        PROBLEM_BASE + "attempts-exhausted",
+                        "Gave up after repeated attempts",
+                        500,
+                        f"the request was handed to a worker {operation.attempts} times without finishing",
+                        attempts=operation.attempts,
+                    ),
+                    traceparent=event.traceparent,
+                )
+                return "ack"
+            operation = await self.broker.transition(op_id, Status.RUNNING, traceparent=event.traceparent)
+        except (IllegalTransition, OperationNotFound):
+            return "ack"
+        ctx = Context(self.broker, event, operation, source=self.source)
+        handler = self.handlers[event.type]
+        try:
+            result = await handler(ctx)
+            if not ctx.finished:
+                await ctx.succeed(result)
+        except Retry as retry:
+            if retry.defer > 0:
+                await asyncio.sleep(retry.defer)
+            return "release"
+        except Failed as failure:
+            await self._fail_quietly(ctx, failure.problem)
+        except (BrokerError, asyncio.CancelledError):
+            raise
+        except IllegalTransition:
+            pass  # someone else finished it (a repeat delivery raced us); nothing to change
+        except Exception as exc:
+            log.exception("handler for %s failed", event.type, extra={"correlation_id": op_id})
+            await self._fail_quietly(
+                ctx,
+                problem(PROBLEM_BASE + "handler-error", "The worker's handler failed", 500, f"{type(exc).__name__}: {exc}"),
+            )
+        self.handled += 1
+        return "ack"
+
+    async def _fail_quietly(self, ctx: Context, doc: dict[str, Any]) -> None:
+        try:
+            await ctx._finish(Status.FAILED, error=doc)
+        except IllegalTransition:
+            pass
+
+
+class WorkerSettings:
+    """Base for the settings class ``python -m app.worker module:Settings`` takes (as in arq)."""
+
+    handlers: Mapping[str, Handler] = {}
+    concurrency: int | None = None
+    max_attempts: int | None = None
