@@ -116,7 +116,7 @@ class EventStream(Response):
             await problem_response(HTTPProblem(503, "the broker is unreachable", kind="broker-unavailable",
                                                headers={"Retry-After": "2"}))(scope, receive, send)
             return
-        sub.task = asyncio.current_task()  # type: ignore[assignment]
+        sub.task = asyncio.current_task()
         watcher = asyncio.ensure_future(_watch_disconnect(receive, sub))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
@@ -253,7 +253,7 @@ class SocketSession:
     async def run(self) -> None:
         """Serve the socket until either side ends it."""
         await self.ws.accept()
-        self.sub.task = asyncio.current_task()  # type: ignore[assignment]
+        self.sub.task = asyncio.current_task()
         reader = asyncio.ensure_future(self._read())
         try:
             for topic in self.ws.query_params.getlist("topic"):

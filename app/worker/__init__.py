@@ -218,7 +218,7 @@ class Worker:
 
     async def _run_handler(self, delivery: Delivery) -> str:
         event = delivery.event
-        op_id = event.correlationid
+        op_id = event.correlationid or ""
         operation = await self.broker.get_operation(op_id) if op_id else None
         if operation is None or operation.status.terminal:
             return "ack"  # expired, or a repeat delivery of finished work

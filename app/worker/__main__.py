@@ -29,7 +29,7 @@ def load_settings(path: str) -> type[WorkerSettings]:
     module_name, _, attr = path.partition(":")
     if not attr:
         raise SystemExit(f"expected module:Class, got {path!r}")
-    return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(module_name), attr)
 
 
 async def main(argv: list[str] | None = None) -> int:
