@@ -18,7 +18,8 @@ import orjson
 SPECVERSION = "1.0"
 JSON = "application/json"
 
-_TYPE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,127}$")
+# Always used with fullmatch: "$" alone would let a trailing newline through into SSE "event:" lines.
+_TYPE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,127}")
 _REQUIRED = ("specversion", "id", "source", "type")
 _KNOWN = frozenset(
     (
@@ -35,7 +36,7 @@ _KNOWN = frozenset(
         "traceparent",
     )
 )
-_EXTENSION_RE = re.compile(r"^[a-z0-9]{1,20}$")
+_EXTENSION_RE = re.compile(r"[a-z0-9]{1,20}")
 
 
 class EventError(ValueError):
@@ -165,12 +166,12 @@ def build_event(
     extensions: dict[str, Any] | None = None,
 ) -> Event:
     """A new event with a fresh id and the current time; raises :class:`EventError` if invalid."""
-    if not _TYPE_RE.match(type):
+    if not _TYPE_RE.fullmatch(type):
         raise EventError(f"event type {type!r} must be 1-128 letters, digits, '.', '_' or '-'")
     if not source:
         raise EventError("event source must not be empty")
     for name in extensions or {}:
-        if name in _KNOWN or not _EXTENSION_RE.match(name):
+        if name in _KNOWN or not _EXTENSION_RE.fullmatch(name):
             raise EventError(f"extension attribute {name!r} must be 1-20 lowercase letters or digits")
     return Event(
         id=new_event_id(),
@@ -204,7 +205,7 @@ def event_from_dict(doc: Any, *, encoded: bytes | None = None) -> Event:
             raise EventError(f"'{name}' is required and must be a non-empty string")
     if doc["specversion"] != SPECVERSION:
         raise EventError(f"'specversion' must be {SPECVERSION!r}")
-    if not _TYPE_RE.match(doc["type"]):
+    if not _TYPE_RE.fullmatch(doc["type"]):
         raise EventError("'type' must be 1-128 letters, digits, '.', '_' or '-'")
     content_type = doc.get("datacontenttype", JSON)
     if content_type != JSON:
@@ -223,7 +224,7 @@ def event_from_dict(doc: Any, *, encoded: bytes | None = None) -> Event:
     for name, value in doc.items():
         if name in _KNOWN:
             continue
-        if not _EXTENSION_RE.match(name):
+        if not _EXTENSION_RE.fullmatch(name):
             raise EventError(f"unknown attribute {name!r}: extensions are 1-20 lowercase letters or digits")
         if not isinstance(value, (str, int, bool)):
             raise EventError(f"extension {name!r} must be a string, integer or boolean")

@@ -22,8 +22,10 @@ from app.events import Event
 
 Cursor = tuple[int, int]
 
-_CURSOR_RE = re.compile(r"^(\d{1,16})-(\d{1,16})$")
-TOPIC_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.:@]{0,127}(/[A-Za-z0-9_\-.:@]{1,128}){0,3}$")
+# ASCII digits only ("\d" would take other scripts' digits), matched in full (so no trailing newline).
+_CURSOR_RE = re.compile(r"([0-9]{1,16})-([0-9]{1,16})")
+# Segments "." and ".." are refused: a URL holding them is rewritten by clients and proxies (path traversal).
+TOPIC_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.:@]{0,127}(/(?!\.\.?(?:/|\Z))[A-Za-z0-9_\-.:@]{1,128}){0,3}")
 MAX_TOPIC_LENGTH = 200
 
 
@@ -33,7 +35,7 @@ class ProtocolError(ValueError):
 
 def parse_cursor(raw: str) -> Cursor:
     """``"123-4"`` → ``(123, 4)``; raises :class:`ProtocolError` for anything else."""
-    match = _CURSOR_RE.match(raw)
+    match = _CURSOR_RE.fullmatch(raw)
     if match is None:
         raise ProtocolError(f"cursor {raw[:40]!r} is not of the form <number>-<number>")
     return int(match.group(1)), int(match.group(2))
@@ -46,7 +48,7 @@ def format_cursor(cursor: Cursor) -> str:
 
 def validate_topic(topic: str) -> str:
     """The topic if it is a legal name (letters, digits, ``_-.:@``, up to four ``/`` segments)."""
-    if not topic or len(topic) > MAX_TOPIC_LENGTH or not TOPIC_RE.match(topic):
+    if not topic or len(topic) > MAX_TOPIC_LENGTH or not TOPIC_RE.fullmatch(topic):
         raise ProtocolError(
             "topic names are 1-200 characters: letters, digits and _-.:@ in up to four /-separated segments"
         )
