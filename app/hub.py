@@ -40,6 +40,7 @@ class Subscriber:
         "_held",
         "_waiter",
         "closed",
+        "dropped",
         "heartbeat_due",
         "max_queue",
         "overflowed_at",
@@ -58,6 +59,7 @@ class Subscriber:
         self._held: dict[str, list[Frame]] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
+        self.dropped = 0  # frames discarded: queue dropped on overflow, or pushed while closing
         self.reason: str | None = None
         self.heartbeat_due = False
         self.overflowed_at: float | None = None
@@ -67,6 +69,7 @@ class Subscriber:
     def push(self, frame: Frame) -> None:
         """Queue a live frame, unless it is a repeat or the connection is closing."""
         if self.closed:
+            self.dropped += 1
             return
         held = self._held
         if held is not None and frame.topic in held:
@@ -91,6 +94,7 @@ class Subscriber:
 
     def overflow(self) -> None:
         """Drop the queue and ask the transport to close as a slow consumer."""
+        self.dropped += len(self.queue) + 1  # the queue and the frame that did not fit
         self.queue.clear()
         self.overflowed_at = time.monotonic()
         self.close("slow-consumer")
@@ -169,6 +173,7 @@ class Hub:
         self._ready: dict[str, asyncio.Future[None]] = {}
         self._timer: asyncio.Task[None] | None = None
         self.frames_dispatched = 0
+        self.frames_dropped = 0
         self.slow_disconnects = 0
         broker.set_sink(self.dispatch)
 
@@ -176,6 +181,13 @@ class Hub:
     def connections(self) -> int:
         """How many subscribers are attached."""
         return len(self._subscribers)
+
+    def connections_by_transport(self) -> dict[str, int]:
+        """How many subscribers are attached, by transport (``sse``, ``ws``, ``wait``)."""
+        counts: dict[str, int] = {}
+        for sub in self._subscribers:
+            counts[sub.transport] = counts.get(sub.transport, 0) + 1
+        return counts
 
     def topic_count(self) -> int:
         """How many topics this process follows."""
@@ -255,6 +267,8 @@ class Hub:
         for topic in list(sub.positions):
             await self.detach(sub, topic)
         self._subscribers.discard(sub)
+        self.frames_dropped += sub.dropped
+        sub.dropped = 0
         if sub.reason == "slow-consumer":
             self.slow_disconnects += 1
 

@@ -35,6 +35,7 @@ from app.http.openapi import build_openapi
 from app.http.problems import HTTPProblem, handle_http_exception, handle_problem, problem_response
 from app.hub import Hub
 from app.logs import configure_logging
+from app.metrics import CONTENT_TYPE_LATEST, Metrics
 from app.settings import Settings
 from app.worker import Worker
 
@@ -78,8 +79,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         visibility_timeout=settings.visibility_timeout,
     )
     hub = Hub(broker, heartbeat=settings.heartbeat, slow_client_grace=settings.slow_client_grace)
+    metrics = Metrics(hub, broker)
+    broker.set_sink(metrics.sink(hub.dispatch))
     gateway = Gateway(settings=settings, broker=broker, hub=hub,
-                      signer=TokenSigner(settings.secret, ttl=settings.token_ttl))
+                      signer=TokenSigner(settings.secret, ttl=settings.token_ttl), metrics=metrics)
     router = CommandRouter()
     for command in CHAT_COMMANDS:
         router.add(command)
@@ -112,10 +115,14 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def openapi_json(request: Request) -> Response:
         return Response(openapi, media_type="application/json")
 
+    async def metrics_text(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/metrics", metrics_text, methods=["GET"]),
         *router.routes(),
         *operations.routes,
         *push.routes,

@@ -104,6 +104,10 @@ class Broker(ABC):
 
     def __init__(self) -> None:
         self._sink: FrameSink | None = None
+        self.errors = 0
+        """Calls that failed because the backing store was unreachable (implementations count them)."""
+        self.reconnects = 0
+        """Times the live fan-out connection was re-opened after a loss (implementations count them)."""
 
     def set_sink(self, sink: FrameSink) -> None:
         """Register the single receiver of live frames (the process's hub)."""

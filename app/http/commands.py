@@ -26,6 +26,7 @@ from app.events import EventError, build_event
 from app.http.gateway import Gateway
 from app.http.problems import HTTPProblem
 from app.hub import Subscriber
+from app.logs import bind_correlation_id
 from app.operations import Operation, new_operation_id, operation_topic
 
 JSON_TYPE = re.compile(r"^application/([a-z0-9.\-]+\+)?json\s*(;.*)?$", re.IGNORECASE)
@@ -213,6 +214,9 @@ async def submit(
                           kind="broker-unavailable", headers={"Retry-After": "2"}) from exc
     op = accepted.operation
     headers: dict[str, str] = {}
+    bind_correlation_id(op.id)
+    if accepted.created and gateway.metrics is not None:
+        gateway.metrics.accepted(op.id)
     if prefer.respond_async:
         headers["Preference-Applied"] = "respond-async"
     elif prefer.wait is not None:

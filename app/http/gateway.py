@@ -11,6 +11,7 @@ from starlette.requests import HTTPConnection
 from app.auth import TokenSigner
 from app.broker.base import Broker
 from app.hub import Hub
+from app.metrics import Metrics
 from app.operations import Operation, operation_topic
 from app.settings import Settings
 
@@ -24,6 +25,7 @@ class Gateway:
     hub: Hub
     signer: TokenSigner
     accepting: bool = True
+    metrics: Metrics | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

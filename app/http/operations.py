@@ -17,6 +17,7 @@ from app.broker.base import BrokerError
 from app.http.commands import RETRY_AFTER, wait_for_change
 from app.http.gateway import Gateway
 from app.http.problems import HTTPProblem
+from app.logs import bind_correlation_id
 from app.operations import IllegalTransition, Operation
 
 _OP_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
@@ -30,6 +31,7 @@ def _check_id(operation_id: str) -> None:
 async def load_operation(request: Request, operation_id: str) -> Operation:
     """The stored operation, visible to this caller, or a 404/503 problem."""
     _check_id(operation_id)
+    bind_correlation_id(operation_id)
     gateway = Gateway.of(request)
     try:
         op = await gateway.broker.get_operation(operation_id)

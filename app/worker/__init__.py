@@ -30,6 +30,7 @@ from typing import Any
 
 from app.broker.base import Broker, BrokerError, Delivery, OperationNotFound
 from app.events import Event, build_event
+from app.logs import bind_correlation_id
 from app.operations import IllegalTransition, Operation, Status, operation_topic, problem
 
 log = logging.getLogger("herald.worker")
@@ -200,6 +201,7 @@ class Worker:
 
     async def _handle(self, delivery: Delivery) -> None:
         event = delivery.event
+        bind_correlation_id(event.correlationid)  # this task's log lines are about this operation
         try:
             settle = await self._run_handler(delivery)
         except BrokerError:
