@@ -16,8 +16,9 @@ from typing import Any
 from app.http.commands import Command, CommandInput
 from app.http.problems import HTTPProblem
 
-ROOM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
-MESSAGE_ID_RE = re.compile(r"^m_[A-Za-z0-9_\-]{4,64}$")
+# Matched in full: with re.match, "$" would also accept a trailing newline (a path's "%0A").
+ROOM_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
+MESSAGE_ID_RE = re.compile(r"m_[A-Za-z0-9_\-]{4,64}")
 MAX_TEXT = 2000
 MAX_NAME = 64
 
@@ -34,7 +35,7 @@ def message_path(room: str, message_id: str) -> str:
 
 def check_room(room: str) -> str:
     """The room name, or a 404 problem (a room that cannot exist is not found)."""
-    if not ROOM_RE.match(room):
+    if not ROOM_RE.fullmatch(room):
         raise HTTPProblem(404, "room names are 1-64 letters, digits, '_' or '-', starting with a letter or digit",
                           kind="no-such-room")
     return room
@@ -79,7 +80,7 @@ def parse_read(params: dict[str, str], body: Any) -> CommandInput:
     """Validate a read receipt."""
     room = check_room(params["room"])
     message_id = params["message_id"]
-    if not MESSAGE_ID_RE.match(message_id):
+    if not MESSAGE_ID_RE.fullmatch(message_id):
         raise HTTPProblem(404, "no such message", kind="no-such-message")
     body = _object(body, {"reader"})
     reader = _name(body, "reader")

@@ -30,8 +30,9 @@ from app.logs import bind_correlation_id
 from app.operations import Operation, new_operation_id, operation_topic
 
 JSON_TYPE = re.compile(r"^application/([a-z0-9.\-]+\+)?json\s*(;.*)?$", re.IGNORECASE)
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+# Both matched in full: "$" alone accepts a trailing newline (possible in a WebSocket command's headers).
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 RETRY_AFTER = "1"
 
 
@@ -180,9 +181,9 @@ async def submit(
     if not gateway.accepting:
         raise HTTPProblem(503, "this gateway is shutting down; send the command to another",
                           kind="shutting-down", headers={"Retry-After": RETRY_AFTER})
-    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise HTTPProblem(400, "Idempotency-Key must be 1-255 visible ASCII characters", kind="bad-idempotency-key")
-    if traceparent is not None and not _TRACEPARENT.match(traceparent):
+    if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):
         traceparent = None
     parsed = command.parse(params, body)
     op_id = new_operation_id()
