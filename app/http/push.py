@@ -103,7 +103,9 @@ class EventStream(Response):
 
                 def announce(start: str | None, page: HistoryPage | None, i: int = i, topic: str = topic) -> None:
                     if positions[i] is None:
-                        positions[i] = start
+                        # An empty topic has no cursor yet: "0-0" (before its first event) keeps the slot
+                        # filled, so a resume replays what it got meanwhile instead of starting live.
+                        positions[i] = start if start is not None else "0-0"
                     if page is not None and page.truncated:
                         preamble.append(sse_control("herald.gap", {
                             "topic": topic, "cursor": self.cursors[i], "oldest": page.oldest,
