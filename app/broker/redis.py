@@ -1,0 +1,679 @@
+"""RedisBroker: the broker shared by any number of gateway and worker processes.
+
+Keys (every name is ``herald:<kind>:{<name>}``; the braces make ``<name>`` the Redis
+Cluster hash tag, so an operation's hash and its topic's stream share a slot)::
+
+    herald:req:{<event type>}         stream   request events; group "herald-workers"; no TTL:
+                                               an entry lives until it is acknowledged (XACK + XDEL)
+    herald:op:{operations/<id>}       hash     Operation.to_record(); PEXPIRE operation_ttl, set once
+                                               at accept (a transition does not extend it)
+    herald:idem:{<idempotency key>}   hash     op (operation id), fp (request fingerprint);
+                                               the same TTL as the operation it names
+    herald:topic:{<topic>}            stream   fields type, event (CloudEvents JSON); capped at
+                                               history_size + 1 entries (see below); PEXPIRE on
+                                               every append: operation_ttl for operations/*,
+                                               history_ttl for the rest
+    herald:res:{<path>}               string   a resource document (JSON), PX the caller's ttl
+
+Fan-out: appending to a topic and ``PUBLISH``-ing it happen in one Lua script, so publish
+order is stream order. The channel is named like the topic's stream key (SPUBLISH on a
+Cluster hashes it to the same slot) and its payload is ``<cursor>\\n<type>\\n<event JSON>``,
+so a frame is built without decoding the event. Each broker instance holds ONE pub/sub
+connection and subscribes only the topics this process asked for.
+
+Truncation is detected exactly with a sentinel: a topic's stream keeps ``history_size + 1``
+entries (exact ``MAXLEN``, never ``~``) and the oldest one, once the stream is full, is not
+shown. It is the newest event dropped from the history, so a ``read`` after cursor ``c`` is
+truncated iff that sentinel is newer than ``c``. No extra key or write is needed, but every
+process must use the same ``history_size``. (On Redis 7.0.15, ``XINFO STREAM``'s
+``max-deleted-entry-id`` stays ``0-0`` after ``XADD MAXLEN``/``XTRIM``, only XDEL moves it,
+so it cannot tell; checked by experiment.)
+
+Request events: ``consume`` runs XAUTOCLAIM (idle > visibility_timeout, with the real
+delivery counts from XPENDING, in one script) and then XREADGROUP ``>``, blocking in slices
+of at most 1 s so reclaimed and released work is seen while it waits. ``release`` re-claims
+the entry as idle for a year, so the next XAUTOCLAIM anywhere takes it.
+
+Reconnection: the reader task retries with a backoff of 0.1 s to 2 s; on reconnect it
+subscribes every wanted topic again, waits for the confirmations, then reads each topic's
+history after the last cursor it delivered (or the topic's head when it was subscribed, if it
+delivered nothing yet) and hands those frames over before any live one, dropping duplicates
+by cursor (a gap longer than the history is logged: a sink has no way to be told). An idle
+pub/sub connection is PINGed every ``health_interval``; no answer means reconnect. Every
+other call fails fast with :class:`BrokerUnavailable`: no client retries,
+because replaying a write whose reply was lost could queue a command twice.
+
+``accept`` is the one script that touches keys of several slots; on a Cluster it would
+need the idempotency key and the request queue tagged with the operation's slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app.broker.base import (
+    Accepted,
+    Broker,
+    BrokerUnavailable,
+    Delivery,
+    HistoryPage,
+    IdempotencyConflict,
+    OperationNotFound,
+    StoredEvent,
+)
+from app.events import Event, EventError, decode_event
+from app.operations import ALLOWED, IllegalTransition, Operation, Status, operation_topic, status_event, transition
+from app.operations import request_cancel as cancel_flag
+from app.protocol import Cursor, Frame, format_cursor, is_terminal_type, parse_cursor
+
+log = logging.getLogger("herald.broker.redis")
+
+GROUP = "herald-workers"
+"""The consumer group through which every worker reads the request streams."""
+_RELEASED = "herald-released"  # the consumer that holds released deliveries until they are reclaimed
+_LONG_IDLE_MS = 365 * 86400 * 1000  # "idle for a year": past any visibility timeout, yet not in the future
+_CAS_ATTEMPTS = 8
+_BACKOFF_MIN, _BACKOFF_MAX = 0.1, 2.0
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError, ClusterDownError,
+                TryAgainError, OSError)
+_TEXT_FIELDS = frozenset({"id", "type", "status", "created_at", "updated_at"})  # stored as-is, the rest as JSON
+
+_APPEND_LUA = """
+local function append(stream, maxlen, ttl_ms, etype, event)
+  local id = redis.call('XADD', stream, 'MAXLEN', maxlen, '*', 'type', etype, 'event', event)
+  redis.call('PEXPIRE', stream, ttl_ms)
+  redis.call('PUBLISH', stream, id .. '\\n' .. etype .. '\\n' .. event)
+  return id
+end
+"""
+
+_PUBLISH_LUA = _APPEND_LUA + "return append(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
+
+# KEYS: op hash, request stream[, idempotency key]. ARGV: ttl ms, request JSON, fingerprint, op id, fields...
+_ACCEPT_LUA = """
+if KEYS[3] then
+  local seen = redis.call('HMGET', KEYS[3], 'op', 'fp')
+  if seen[1] then
+    if seen[2] ~= ARGV[3] then return {'conflict', seen[1]} end
+    return {'exists', seen[1]}
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists', ARGV[4]} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'event', ARGV[2])
+if KEYS[3] then
+  redis.call('HSET', KEYS[3], 'op', ARGV[4], 'fp', ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[1])
+end
+return {'created'}
+"""
+
+# The state machine of app.operations, carried into Lua so the store itself refuses a bad move.
+_ALLOWED_LUA = "local allowed = {" + ", ".join(
+    f"{src.value} = {{{', '.join(f'{dst.value} = true' for dst in sorted(dsts))}}}" for src, dsts in ALLOWED.items()
+) + "}\n"
+
+# KEYS: op hash, topic stream. ARGV: expected version, wanted status ('' = flag change only),
+# maxlen, ttl ms, event type ('' = no event), event JSON, fields...
+_UPDATE_LUA = _APPEND_LUA + _ALLOWED_LUA + """
+local cur = redis.call('HMGET', KEYS[1], 'version', 'status')
+if not cur[1] then return {'missing'} end
+if cur[1] ~= ARGV[1] then return {'stale'} end
+local moves = allowed[cur[2]]
+if not moves or (ARGV[2] == '' and next(moves) == nil) or (ARGV[2] ~= '' and not moves[ARGV[2]]) then
+  return {'illegal', cur[2]}
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+if ARGV[5] ~= '' then append(KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]) end
+return {'ok'}
+"""
+
+# XAUTOCLAIM and the real delivery counts in one step. KEYS: request stream. ARGV: group, consumer,
+# min idle ms, count. Entries deleted while pending come back empty (or in the third reply): skipped.
+_RECLAIM_LUA = """
+local out, start, want = {}, '0-0', tonumber(ARGV[4])
+for _ = 1, 3 do
+  local res = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], start, 'COUNT', want - #out)
+  for _, entry in ipairs(res[2]) do
+    if type(entry) == 'table' and entry[2] then
+      local p = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
+      out[#out + 1] = {entry[1], entry[2], p[1] and p[1][4] or 1}
+    end
+  end
+  start = res[1]
+  if start == '0-0' or #out >= want then break end
+end
+return out
+"""
+
+
+def _key(kind: str, name: str) -> str:
+    return f"herald:{kind}:{{{name}}}"
+
+
+def _op_key(operation_id: str) -> str:
+    return _key("op", operation_topic(operation_id))
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+def _fields(op: Operation) -> list[str | bytes]:
+    flat: list[str | bytes] = []
+    for name, value in op.to_record().items():
+        flat += [name, value if name in _TEXT_FIELDS else orjson.dumps(value)]
+    return flat
+
+
+def _operation(raw: dict[Any, Any]) -> Operation | None:
+    if not raw:
+        return None
+    record: dict[str, Any] = {}
+    for raw_name, value in raw.items():
+        name = raw_name.decode()
+        record[name] = value.decode() if name in _TEXT_FIELDS else orjson.loads(value)
+    return Operation.from_record(record)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@contextmanager
+def _reachable() -> Iterator[None]:
+    """Turn "Redis cannot serve this now" into :class:`BrokerUnavailable`."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise BrokerUnavailable(f"redis: {exc}") from exc
+
+
+class RedisBroker(Broker):
+    """A broker on one Redis: streams for requests and topics, hashes for operations, pub/sub fan-out."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        history_size: int = 1000,
+        operation_ttl: float = 86400,
+        history_ttl: float = 86400,
+        visibility_timeout: float = 30.0,
+        # Timeouts
+        connect_timeout: float = 2.0,
+        socket_timeout: float = 5.0,
+        ping_timeout: float = 1.0,
+        health_interval: float = 5.0,
+    ) -> None:
+        super().__init__()
+        if history_size < 1:
+            raise ValueError("history_size must be at least 1")
+        self.history_size = history_size
+        self.operation_ttl = operation_ttl
+        self.history_ttl = history_ttl
+        self.visibility_timeout = visibility_timeout
+        self._socket_timeout = socket_timeout
+        self._ping_timeout = ping_timeout
+        self._health_interval = health_interval
+        # consume() blocks in slices this long, so reclaimed and released work is seen between them
+        self._poll = min(1.0, max(0.05, visibility_timeout / 4))
+        self._redis = aioredis.from_url(
+            url,
+            protocol=2,  # the replies parsed here (pub/sub arrays, script tables) are RESP2's
+            socket_connect_timeout=connect_timeout,
+            socket_timeout=socket_timeout,  # above the longest BLOCK slice (<= 1 s)
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._accept_script = self._redis.register_script(_ACCEPT_LUA)
+        self._update_script = self._redis.register_script(_UPDATE_LUA)
+        self._publish_script = self._redis.register_script(_PUBLISH_LUA)
+        self._reclaim_script = self._redis.register_script(_RECLAIM_LUA)
+        self._groups: set[str] = set()
+        # Fan-out state: topics wanted, confirmed on the current connection, and positions.
+        self._wanted: set[str] = set()
+        self._confirmed: set[str] = set()
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._delivered: dict[str, Cursor] = {}
+        self._floor: dict[str, Cursor] = {}  # the head when subscribed: where a gap fill starts if nothing came
+        self._pubsub: AbstractConnection | None = None
+        self._pubsub_lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+
+    # Lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the pub/sub reader; it connects in the background, so Redis may be down now."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._listen_forever(), name="redis-broker-pubsub")
+
+    async def close(self) -> None:
+        """Stop the reader and close every connection."""
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+        for waiter in self._waiters.values():
+            waiter.cancel()
+        self._waiters.clear()
+        await self._redis.aclose()
+
+    async def ping(self) -> bool:
+        """Whether Redis answers PING within the ping timeout."""
+        try:
+            async with asyncio.timeout(self._ping_timeout):
+                return bool(await self._redis.ping())
+        except Exception:  # any failure means "not ready"; /readyz must never raise
+            return False
+
+    # Commands --------------------------------------------------------------------------
+    async def accept(
+        self,
+        operation: Operation,
+        request: Event,
+        *,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> Accepted:
+        """Check the idempotency key, store the operation and queue its request event in one script."""
+        keys = [_op_key(operation.id), _key("req", request.type)]
+        if idempotency_key is not None:
+            keys.append(_key("idem", idempotency_key))
+        args: list[Any] = [
+            _ms(self.operation_ttl), request.encoded, fingerprint or "", operation.id, *_fields(operation)
+        ]
+        # An "exists" whose operation just expired is re-run: by then the key has expired with it.
+        for _ in range(2):
+            with _reachable():
+                outcome, *rest = await self._accept_script(keys=keys, args=args)
+            if outcome == b"created":
+                return Accepted(operation, created=True)
+            if outcome == b"conflict":
+                raise IdempotencyConflict(_text(rest[0]))
+            existing = await self.get_operation(_text(rest[0]))
+            if existing is not None:
+                return Accepted(existing, created=False)
+        raise OperationNotFound(operation.id)
+
+    async def consume(
+        self, types: Sequence[str], consumer: str, *, count: int = 1, block: float = 1.0
+    ) -> list[Delivery]:
+        """Reclaimed deliveries first, then new ones, waiting up to ``block`` seconds in short slices."""
+        if not types or count < 1:
+            return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + block
+        keys = {_key("req", t): t for t in types}
+        regrouped = False
+        while True:
+            try:
+                with _reachable():
+                    await self._ensure_groups(keys)
+                    out = await self._reclaim(keys, consumer, count)
+                    if len(out) < count:
+                        wait = min(max(0.0, deadline - loop.time()), self._poll)
+                        out += await self._read_new(keys, consumer, count - len(out), wait)
+            except ResponseError as exc:
+                # NOGROUP: the group vanished (a Redis without persistence restarted); make it once more
+                if "NOGROUP" not in str(exc) or regrouped:
+                    raise
+                regrouped = True
+                self._groups.clear()
+                continue
+            if out or loop.time() >= deadline:
+                return out
+
+    async def _ensure_groups(self, keys: dict[str, str]) -> None:
+        for key in keys:
+            if key in self._groups:
+                continue
+            try:
+                # from 0: requests accepted before any worker existed are in the stream already
+                await self._redis.xgroup_create(key, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._groups.add(key)
+
+    async def _reclaim(self, keys: dict[str, str], consumer: str, count: int) -> list[Delivery]:
+        out: list[Delivery] = []
+        for key, type_ in keys.items():
+            if len(out) >= count:
+                break
+            args: list[Any] = [GROUP, consumer, _ms(self.visibility_timeout), count - len(out)]
+            for entry_id, fields, deliveries in await self._reclaim_script(keys=[key], args=args):
+                fields_map = dict(zip(fields[::2], fields[1::2], strict=True))
+                out += await self._deliveries(key, type_, [(entry_id, fields_map)], int(deliveries))
+        return out
+
+    async def _read_new(self, keys: dict[str, str], consumer: str, count: int, wait: float) -> list[Delivery]:
+        block = int(wait * 1000)
+        # BLOCK 0 would wait forever: leave it out to poll once
+        reply: Any = await self._redis.xreadgroup(
+            GROUP, consumer, dict.fromkeys(keys, ">"), count=count, block=block or None
+        )
+        out: list[Delivery] = []
+        for key, entries in reply or []:
+            key = _text(key)
+            taken, extra = entries[: count - len(out)], entries[count - len(out):]
+            out += await self._deliveries(key, keys[key], taken, 1)
+            if extra:  # several streams answered: give back what exceeds count, as never handed out
+                await self._redis.xclaim(key, GROUP, _RELEASED, 0, [e[0] for e in extra],
+                                         idle=_LONG_IDLE_MS, retrycount=0, justid=True)
+        return out
+
+    async def _deliveries(
+        self, key: str, type_: str, entries: list[tuple[bytes, dict[bytes, bytes]]], deliveries: int
+    ) -> list[Delivery]:
+        out: list[Delivery] = []
+        for entry_id, fields in entries:
+            try:
+                event = decode_event(fields[b"event"])
+            except (KeyError, EventError):
+                # not a request event Herald wrote; handing it out would only fail every worker in turn
+                log.error("dropping an unreadable request entry %s from %s", _text(entry_id), key)
+                await self._done(key, _text(entry_id))
+                continue
+            out.append(Delivery(event=event, delivery_id=f"{type_}|{_text(entry_id)}", deliveries=deliveries))
+        return out
+
+    async def _done(self, key: str, entry_id: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(key, GROUP, entry_id)
+            pipe.xdel(key, entry_id)
+            await pipe.execute()
+
+    async def ack(self, delivery: Delivery) -> None:
+        """Acknowledge and delete the entry, so it is never handed out again."""
+        type_, entry_id = delivery.delivery_id.rsplit("|", 1)
+        with _reachable():
+            await self._done(_key("req", type_), entry_id)
+
+    async def release(self, delivery: Delivery) -> None:
+        """Mark the entry idle for long, so the next consume's XAUTOCLAIM takes it at once."""
+        type_, entry_id = delivery.delivery_id.rsplit("|", 1)
+        with _reachable():
+            # JUSTID: the count is not raised now; the reclaim that hands it out raises it
+            await self._redis.xclaim(_key("req", type_), GROUP, _RELEASED, 0, [entry_id],
+                                     idle=_LONG_IDLE_MS, justid=True)
+
+    # Operations ------------------------------------------------------------------------
+    async def get_operation(self, operation_id: str) -> Operation | None:
+        """The stored operation, or ``None`` if unknown or expired."""
+        with _reachable():
+            return _operation(await self._redis.hgetall(_op_key(operation_id)))
+
+    async def transition(
+        self,
+        operation_id: str,
+        status: Status,
+        *,
+        result: Any = None,
+        error: dict[str, Any] | None = None,
+        location: str | None = None,
+        traceparent: str | None = None,
+    ) -> Operation:
+        """Check the move in Python, then store it and append its status event if nobody changed it meanwhile."""
+
+        def change(current: Operation) -> tuple[Operation, Event | None]:
+            updated = transition(current, status, result=result, error=error, location=location)
+            return updated, status_event(updated, source=self.source, traceparent=traceparent)
+
+        return await self._update(operation_id, status, change)
+
+    async def request_cancel(self, operation_id: str) -> Operation:
+        """Set the cancel flag (no event: the worker that honours it publishes ``canceled``)."""
+        return await self._update(operation_id, None, lambda current: (cancel_flag(current), None))
+
+    async def _update(
+        self, operation_id: str, status: Status | None, change: Callable[[Operation], tuple[Operation, Event | None]]
+    ) -> Operation:
+        topic = operation_topic(operation_id)
+        for _ in range(_CAS_ATTEMPTS):
+            current = await self.get_operation(operation_id)
+            if current is None:
+                raise OperationNotFound(operation_id)
+            updated, event = change(current)  # raises IllegalTransition from the Python check
+            if updated is current:
+                return current
+            args: list[Any] = [current.version, status.value if status else "", self.history_size + 1,
+                               _ms(self.operation_ttl), event.type if event else "",
+                               event.encoded if event else b"", *_fields(updated)]
+            with _reachable():
+                outcome, *rest = await self._update_script(keys=[_op_key(operation_id), _key("topic", topic)],
+                                                           args=args)
+            if outcome == b"ok":
+                return updated
+            if outcome == b"missing":
+                raise OperationNotFound(operation_id)
+            if outcome == b"illegal":
+                raise IllegalTransition(Status(_text(rest[0])), status or Status.CANCELED)
+            # "stale": another process changed it between our read and our write; read again
+        raise BrokerUnavailable(f"operation {operation_id} kept changing; try again")
+
+    # Topics ----------------------------------------------------------------------------
+    async def publish(self, topic: str, event: Event) -> str:
+        """Append to the topic's capped stream and PUBLISH it, atomically; return its cursor."""
+        ttl = self.operation_ttl if topic.startswith("operations/") else self.history_ttl
+        with _reachable():
+            cursor = await self._publish_script(
+                keys=[_key("topic", topic)], args=[self.history_size + 1, _ms(ttl), event.type, event.encoded]
+            )
+        return _text(cursor)
+
+    async def read(self, topic: str, after: str | None, *, limit: int = 1000) -> HistoryPage:
+        """Kept events after a cursor; ``truncated`` when the sentinel (newest dropped) is newer."""
+        key = _key("topic", topic)
+        after_key = parse_cursor(after) if after is not None else None
+        start = "(" + format_cursor(after_key) if after_key is not None else "-"
+        with _reachable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xlen(key)
+                pipe.xrange(key, "-", "+", count=2)
+                pipe.xrange(key, start, "+", count=limit + 1)
+                length, oldest_two, entries = await pipe.execute()
+        sentinel = oldest_two[0][0] if length > self.history_size else None
+        kept = oldest_two[1:] if sentinel is not None else oldest_two
+        events = [self._stored(topic, e) for e in entries if e[0] != sentinel][:limit]
+        truncated = sentinel is not None and (after_key is None or after_key < parse_cursor(_text(sentinel)))
+        return HistoryPage(events=events, truncated=truncated, oldest=_text(kept[0][0]) if kept else None)
+
+    @staticmethod
+    def _stored(topic: str, entry: Any) -> StoredEvent:
+        return StoredEvent(topic, _text(entry[0]), decode_event(entry[1][b"event"]))
+
+    async def tail(self, topic: str, count: int) -> list[StoredEvent]:
+        """The newest ``count`` events, oldest first (never the sentinel: it is older than history_size)."""
+        if count <= 0:
+            return []
+        with _reachable():
+            entries: Any = await self._redis.xrevrange(
+                _key("topic", topic), "+", "-", count=min(count, self.history_size)
+            )
+        return [self._stored(topic, e) for e in reversed(entries)]
+
+    async def head(self, topic: str) -> str | None:
+        """The newest cursor of a topic, or ``None``."""
+        with _reachable():
+            newest: Any = await self._redis.xrevrange(_key("topic", topic), "+", "-", count=1)
+        return _text(newest[0][0]) if newest else None
+
+    async def subscribe(self, topic: str) -> None:
+        """SUBSCRIBE on the shared connection and wait until Redis confirms it."""
+        await self.start()
+        if topic in self._confirmed:
+            return
+        self._wanted.add(topic)
+        waiter = self._waiters.get(topic)
+        if waiter is None:
+            waiter = self._waiters[topic] = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(self._socket_timeout):
+                await self._send_pubsub("SUBSCRIBE", topic)
+                await asyncio.shield(waiter)
+            head = await self.head(topic)
+        except (TimeoutError, BrokerUnavailable) as exc:
+            await self.unsubscribe(topic)
+            raise BrokerUnavailable(f"could not subscribe to {topic}") from exc
+        if head is not None and topic not in self._delivered:
+            self._floor[topic] = parse_cursor(head)
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Forget the topic at once; UNSUBSCRIBE if connected (a reconnect leaves it out anyway)."""
+        self._wanted.discard(topic)
+        self._confirmed.discard(topic)
+        self._delivered.pop(topic, None)
+        self._floor.pop(topic, None)
+        waiter = self._waiters.pop(topic, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        try:
+            async with asyncio.timeout(self._socket_timeout):
+                await self._send_pubsub("UNSUBSCRIBE", topic)
+        except TimeoutError:
+            pass
+
+    async def _send_pubsub(self, command: str, topic: str) -> None:
+        async with self._pubsub_lock:
+            conn = self._pubsub
+            if conn is None or not conn.is_connected:
+                return  # the reader (re)subscribes every wanted topic when it connects
+            try:
+                await conn.send_command(command, _key("topic", topic))
+            except (RedisError, OSError):
+                pass  # the reader sees the broken connection too, and reconnects
+
+    # The pub/sub reader ----------------------------------------------------------------
+    async def _listen_forever(self) -> None:
+        delay = _BACKOFF_MIN
+        while True:
+            conn: AbstractConnection | None = None
+            try:
+                conn = self._redis.connection_pool.make_connection()
+                await self._open(conn)
+                delay = _BACKOFF_MIN
+                await self._pump(conn)
+            except Exception as exc:  # whatever broke the connection, the cure is a new one
+                # warn once per outage, not on every retry while Redis stays away
+                log.log(logging.WARNING if delay == _BACKOFF_MIN else logging.DEBUG,
+                        "pub/sub connection lost (%s); reconnecting in %.1fs", exc, delay)
+            finally:
+                self._pubsub = None
+                self._confirmed.clear()
+                if conn is not None:
+                    await conn.disconnect(nowait=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX)
+
+    async def _open(self, conn: AbstractConnection) -> None:
+        await conn.connect()
+        early: list[Any] = []
+        async with self._pubsub_lock:
+            topics = sorted(self._wanted)
+            if topics:
+                await conn.send_command("SUBSCRIBE", *(_key("topic", t) for t in topics))
+            pending = {_key("topic", t).encode() for t in topics}
+            while pending:  # history is read only once the subscriptions are live: nothing falls between
+                reply = await conn.read_response(timeout=self._socket_timeout)
+                if reply is None:
+                    raise RedisTimeoutError("no SUBSCRIBE confirmation")
+                if reply[0] == b"subscribe":
+                    pending.discard(reply[1])
+                    self._on_reply(reply)
+                else:
+                    early.append(reply)
+            self._pubsub = conn
+        for topic in topics:
+            start = self._delivered.get(topic) or self._floor.get(topic)
+            if start is None or topic not in self._wanted:
+                continue
+            page = await self.read(topic, format_cursor(start), limit=self.history_size + 1)
+            if page.truncated:
+                log.warning("events of %s were dropped from the history during the outage", topic)
+            for stored in page.events:
+                self._hand(Frame.from_event(topic, stored.cursor, stored.event))
+        for reply in early:
+            self._on_reply(reply)
+
+    async def _pump(self, conn: AbstractConnection) -> None:
+        awaiting_pong = False
+        while True:
+            reply = await conn.read_response(timeout=self._health_interval)
+            if reply is None:
+                if awaiting_pong:
+                    raise RedisConnectionError("the pub/sub connection stopped answering")
+                async with self._pubsub_lock:
+                    await conn.send_command("PING")
+                awaiting_pong = True
+                continue
+            awaiting_pong = False
+            self._on_reply(reply)
+
+    def _on_reply(self, reply: Any) -> None:
+        if not isinstance(reply, list) or len(reply) < 3:
+            return  # PONG outside subscribed mode
+        kind, channel, data = reply[0], _text(reply[1]), reply[2]
+        topic = channel[len("herald:topic:{"):-1]
+        if kind == b"message":
+            cursor, raw_type, encoded = data.split(b"\n", 2)
+            type_ = raw_type.decode()
+            self._hand(Frame(topic, cursor.decode(), type_, encoded, terminal=is_terminal_type(type_)))
+        elif kind == b"subscribe" and topic in self._wanted:
+            self._confirmed.add(topic)
+            waiter = self._waiters.pop(topic, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def _hand(self, frame: Frame) -> None:
+        if frame.topic not in self._wanted:
+            return
+        last = self._delivered.get(frame.topic)
+        if last is not None and frame.key <= last:
+            return  # already handed over (gap fill and live overlap after a reconnect)
+        self._delivered[frame.topic] = frame.key
+        try:
+            self._deliver(frame)
+        except Exception:  # a failing sink must not stop the fan-out of every other topic
+            log.exception("the frame sink failed on %s", frame.topic)
+
+    # Counters --------------------------------------------------------------------------
+    async def hit(self, key: str, window: int) -> int:
+        """INCR the counter and (re)set its expiry in one MULTI, so it never outlives its window."""
+        with _reachable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.incr(_key("count", key))
+                pipe.expire(_key("count", key), window)
+                count, _ = await pipe.execute()
+        return int(count)
+
+    # Resources -------------------------------------------------------------------------
+    async def put_resource(self, path: str, document: dict[str, Any], *, ttl: int) -> None:
+        """Store a JSON document for ``ttl`` seconds."""
+        with _reachable():
+            await self._redis.set(_key("res", path), orjson.dumps(document), px=_ms(ttl))
+
+    async def get_resource(self, path: str) -> dict[str, Any] | None:
+        """The document, or ``None`` if missing or expired."""
+        with _reachable():
+            raw = await self._redis.get(_key("res", path))
+        return None if raw is None else orjson.loads(raw)

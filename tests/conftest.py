@@ -1,0 +1,33 @@
+"""Fixtures shared by the whole test suite live here; keep each one generic and small.
+
+Redis: one private ``redis-server`` per test session on a free loopback port (never a Redis
+that was already running), emptied before every test that asks for ``redis_url``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.redis_server import REDIS_SERVER, RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server started once for the session and stopped at its end."""
+    if not shutil.which(REDIS_SERVER):
+        pytest.skip("redis-server is not installed (make test installs it)")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The URL of database 0 of the session's Redis, flushed for this test."""
+    with redis_server.client() as client:
+        client.flushall()
+    return redis_server.url(0)
