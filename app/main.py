@@ -96,9 +96,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         worker_task = None
         worker = None
         if settings.embedded_worker:
+            # poll bounds how long stop() waits for the blocking consume: short, so shutdown is prompt
             worker = Worker(broker, ChatWorkerSettings.handlers, name="embedded",
                             concurrency=settings.worker_concurrency, max_attempts=settings.max_attempts,
-                            poll=0.5, shutdown_grace=2.0)
+                            poll=0.1, shutdown_grace=2.0)
             worker_task = asyncio.create_task(worker.run(), name="embedded-worker")
         log.info("herald ready", extra={"broker": "redis" if settings.redis_url else "memory",
                                         "embedded_worker": settings.embedded_worker})

@@ -403,7 +403,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     try:
         _check_capacity(gateway)
     except HTTPProblem as exc:
-        await websocket.close(1013, exc.detail[:120])
+        # Refuse the handshake with the 503 problem an HTTP client gets; a close before accept is a bare 403.
+        await websocket.send_denial_response(problem_response(exc))
         return
     await SocketSession(gateway, websocket).run()
 
