@@ -13,7 +13,10 @@ cursor and loses nothing still in the topic's history.
 
 Resume without gaps or repeats: a subscriber joins the live fan-out *before* the history
 is read, holds live frames for that topic while the history is replayed, and then lets
-through only frames with a cursor beyond the last one it already has.
+through only frames with a cursor beyond the last one it already has. The history replayed
+is bounded by the topic's history size, not by the queue: only live frames count against
+``max_queue``, so a client may resume from anywhere in the history without being cut off
+at once for the very backlog it asked for.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Subscriber:
     """One local connection's queue and positions in the topics it follows."""
 
     __slots__ = (
+        "_backlog",
         "_held",
         "_waiter",
         "closed",
@@ -57,6 +61,7 @@ class Subscriber:
         self.queue: deque[Frame | str] = deque()
         self.positions: dict[str, Cursor | None] = {}
         self._held: dict[str, list[Frame]] | None = None
+        self._backlog = 0  # replayed history frames in the queue, which do not count against max_queue
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.dropped = 0  # frames discarded: queue dropped on overflow, or pushed while closing
@@ -68,6 +73,9 @@ class Subscriber:
     # Called by the hub (on the event loop, never awaiting) ------------------------------
     def push(self, frame: Frame) -> None:
         """Queue a live frame, unless it is a repeat or the connection is closing."""
+        self._enqueue(frame, backlog=False)
+
+    def _enqueue(self, frame: Frame, *, backlog: bool) -> None:
         if self.closed:
             self.dropped += 1
             return
@@ -80,10 +88,12 @@ class Subscriber:
         if last is not None and key <= last:
             return
         self.positions[frame.topic] = key
-        if len(self.queue) >= self.max_queue:
+        if not backlog and len(self.queue) - self._backlog >= self.max_queue:
             self.overflow()
             return
         self.queue.append(frame)
+        if backlog:
+            self._backlog += 1
         self._wake()
 
     def control(self, message: str) -> None:
@@ -96,6 +106,7 @@ class Subscriber:
         """Drop the queue and ask the transport to close as a slow consumer."""
         self.dropped += len(self.queue) + 1  # the queue and the frame that did not fit
         self.queue.clear()
+        self._backlog = 0
         self.overflowed_at = time.monotonic()
         self.close("slow-consumer")
 
@@ -130,7 +141,7 @@ class Subscriber:
         if not self._held:
             self._held = None
         for frame in frames:
-            self.push(frame)
+            self._enqueue(frame, backlog=True)
         for frame in held:
             self.push(frame)
 
@@ -154,6 +165,7 @@ class Subscriber:
             return []
         batch: list[Frame | str | object] = list(self.queue)
         self.queue.clear()
+        self._backlog = 0
         if self.heartbeat_due:
             self.heartbeat_due = False
             if not batch:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -126,6 +126,13 @@ async def served(**overrides: Any) -> AsyncIterator[LiveHerald]:
             await asyncio.wait_for(task, 10)
         finally:
             sock.close()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``condition`` until it holds (the app's internal state offers no event to await)."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 def assert_problem(response: httpx.Response, status: int, kind: str | None = None) -> dict[str, Any]:

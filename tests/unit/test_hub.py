@@ -107,6 +107,30 @@ async def test_overflow_drops_the_queue_and_closes_as_slow_consumer() -> None:
     assert await drain(sub) == []
 
 
+async def test_a_replayed_history_longer_than_the_queue_does_not_overflow_it() -> None:
+    sub = Subscriber(max_queue=3)
+    sub.hold("a", None)
+    sub.replay("a", [frame("a", ms) for ms in range(1, 11)])
+    assert not sub.closed
+    for ms in (11, 12, 13):  # live frames still get the whole queue bound on top of the backlog
+        sub.push(frame("a", ms))
+    assert not sub.closed
+    sub.push(frame("a", 14))
+    assert sub.closed and sub.reason == "slow-consumer"
+
+
+async def test_once_the_backlog_is_taken_live_frames_are_bounded_again() -> None:
+    sub = Subscriber(max_queue=2)
+    sub.hold("a", None)
+    sub.replay("a", [frame("a", ms) for ms in range(1, 6)])
+    assert cursors(await drain(sub)) == ["1-0", "2-0", "3-0", "4-0", "5-0"]
+    sub.push(frame("a", 6))
+    sub.push(frame("a", 7))
+    assert not sub.closed
+    sub.push(frame("a", 8))
+    assert sub.closed
+
+
 async def test_control_messages_keep_their_place_between_frames() -> None:
     sub = Subscriber(max_queue=10, transport="ws")
     sub.control('{"type":"subscribed"}')
