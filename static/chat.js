@@ -106,7 +106,7 @@ function renderStatus(entry, node) {
 function upsertMessage(message) {
   if (!message || typeof message.id !== "string") return;
   let entry = entries.get(message.id);
-  const localKey = message.operation_id ? keyByOperation.get(message.operation_id) : undefined;
+  const localKey = (message.operation_id && keyByOperation.get(message.operation_id)) || pendingKeyFor(message);
   if (!entry && localKey && entries.has(localKey)) {
     entry = entries.get(localKey);
     entries.delete(localKey);
@@ -124,6 +124,19 @@ function upsertMessage(message) {
   for (const reader of message.read_by || []) entry.readBy.add(reader);
   render(entry);
   markSeen();
+}
+
+/**
+ * The own message still waiting for its 202 that `message` is, if any: when the answer to a
+ * POST is lost and retried, the room can announce the message before the page learns its
+ * operation id.
+ */
+function pendingKeyFor(message) {
+  if (message.author !== me) return undefined;
+  for (const entry of entries.values()) {
+    if (entry.own && !entry.id && entry.status === "sending" && entry.text === message.text) return entry.key;
+  }
+  return undefined;
 }
 
 function recordRead(receipt) {

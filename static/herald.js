@@ -168,6 +168,8 @@ export class Herald {
     this.state = new Observable("closed");
     /** @type {Set<Stream>} */
     this.streams = new Set();
+    /** @type {Set<Transport>} transports seen blocked (failing while Herald answered); new streams skip them */
+    this.blocked = new Set();
   }
 
   /**
@@ -353,7 +355,7 @@ export class Stream {
     this.options = options;
     this.urls = { url: options.url, websocketUrl: options.websocketUrl };
     this.transports = client.transports.filter((t) => this.#available(t));
-    this.index = 0;
+    this.index = Math.max(0, Math.min(this.transports.findIndex((t) => !client.blocked.has(t)), this.transports.length - 1));
     this.worked = new Set();
     this.listeners = new Map();
     this.teardown = null;
@@ -457,6 +459,7 @@ export class Stream {
   #live(transport) {
     this.transport = transport;
     this.worked.add(transport);
+    this.client.blocked.delete(transport);
     this.state.set(LIVE[transport]);
   }
 
@@ -501,6 +504,7 @@ export class Stream {
       if (this.ended) return;
       // A transport that never worked while the server answers is blocked here: try the next one.
       if (reachable && !this.worked.has(transport) && this.index < this.transports.length - 1) {
+        this.client.blocked.add(transport);
         this.index++;
         failures = 0;
       }

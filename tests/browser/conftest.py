@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from tests.browser.chat_page import ChatPage
 from tests.support.server import HeraldServer
@@ -49,17 +49,20 @@ def herald() -> Iterator[HeraldServer]:
 
 @pytest.fixture
 def chat(browser: Browser) -> Iterator[OpenChat]:
-    """``chat(server, room, name, transport=None)``: a chat page in a browser context of its own."""
+    """``chat(server, room, name, transport=None, ...)``: a chat page in a browser context of its own."""
     contexts: list[BrowserContext] = []
     errors: list[str] = []
 
     def open_chat(server: HeraldServer, room: str, name: str, transport: str | None = None, *,
-                  viewport: dict[str, int] | None = None, join: bool = True) -> ChatPage:
+                  viewport: dict[str, int] | None = None, join: bool = True,
+                  prepare: Callable[[Page], object] | None = None) -> ChatPage:
         context = browser.new_context(viewport=viewport or {"width": 820, "height": 640})  # type: ignore[arg-type]
         context.set_default_timeout(10_000)
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda exc: errors.append(f"{name}: {exc}"))
+        if prepare is not None:
+            prepare(page)  # e.g. routes that block a transport, before the page loads
         return ChatPage.open(page, server.url, room, name, transport, join=join)
 
     yield open_chat

@@ -66,3 +66,50 @@ def test_message_reaches_the_other_page_live_and_the_read_receipt_comes_back(
     path = save_screenshot(ann.page.screenshot(), f"chat-{transport}.png")
     if transport == "sse" and os.environ.get("HERALD_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(path, DOCS_SCREENSHOT)
+
+
+def test_an_over_long_message_shows_the_problem_title_and_keeps_the_draft(herald: HeraldServer, chat: OpenChat) -> None:
+    ann = chat(herald, new_room("error"), "ann", "sse")
+    ann.expect_live("sse")
+    too_long = "x" * 2001
+    ann.send(too_long)
+    expect(ann.error_title).to_have_text("Message too long")
+    expect(ann.page.get_by_role("alert")).to_contain_text("longer than 2000 characters")
+    expect(ann.messages).to_have_count(0)
+    expect(ann.message_box).to_have_value(too_long)
+    expect(ann.page.locator("#count")).to_have_text("2001/2000")
+
+    ann.send("short enough")
+    expect(ann.page.get_by_role("alert")).to_be_hidden()
+    expect(ann.status_of("short enough")).to_have_attribute("data-status", "delivered")
+
+
+def test_joining_and_sending_by_keyboard_alone_on_a_phone_sized_screen(herald: HeraldServer, chat: OpenChat) -> None:
+    room = new_room("phone")
+    ann = chat(herald, room, "ann", join=False, viewport={"width": 360, "height": 640})
+    page = ann.page
+    expect(page.get_by_label("Your name")).to_be_focused()
+    page.keyboard.type("ann")
+    page.keyboard.press("Tab")
+    expect(page.get_by_label("Room")).to_be_focused()
+    page.keyboard.press("ControlOrMeta+a")
+    page.keyboard.type(room)
+    page.keyboard.press("Enter")
+
+    expect(ann.message_box).to_be_focused()
+    ann.expect_live("sse")
+    assert page.url.endswith(f"/?room={room}&name=ann"), "the address is not a shareable link"
+    expect(page.get_by_role("link", name="Invite link")).to_have_attribute("href", f"/?room={room}")
+
+    long_word = "a" * 300
+    page.keyboard.type(long_word)
+    page.keyboard.press("Enter")
+    expect(ann.status_of(long_word)).to_have_attribute("data-status", "delivered")
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("button", name="Send")).to_be_focused()
+
+    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow == 0, f"the page scrolls sideways by {overflow}px on a phone"
+    expect(ann.message_box).to_be_in_viewport()
+    expect(ann.message(long_word)).to_be_in_viewport()
+    save_screenshot(page.screenshot(), "chat-phone.png")
