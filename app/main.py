@@ -28,7 +28,7 @@ from app.broker import create_broker
 from app.chat import COMMANDS as CHAT_COMMANDS
 from app.chat import routes as chat_routes
 from app.chat.worker import WorkerSettings as ChatWorkerSettings
-from app.http import operations, push
+from app.http import operations, push, security
 from app.http.commands import CommandRouter
 from app.http.gateway import Gateway
 from app.http.openapi import build_openapi
@@ -128,6 +128,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         *operations.routes,
         *push.routes,
         *chat_routes.routes,
+        *security.routes,
         Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="static"),
     ]
     middleware = []
@@ -141,6 +142,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
             expose_headers=["Location", "Retry-After", "Preference-Applied", "ETag", "Content-Location"],
             allow_credentials=True,
         ))
+    verifier = security.BearerVerifier.from_settings(settings)
+    if verifier is not None:  # inside CORS, so preflights are answered without a token
+        middleware.append(Middleware(security.BearerAuthMiddleware, verifier=verifier))
     app = Starlette(
         routes=routes,
         middleware=middleware,

@@ -98,6 +98,10 @@ class Settings:
     """``HERALD_MAX_CONNECTIONS``: SSE + WebSocket connections per process (503 beyond)."""
     rate_limit: int = 0
     """``HERALD_RATE_LIMIT``: commands per client per second (0 = unlimited)."""
+    max_json_depth: int = 32
+    """``HERALD_MAX_JSON_DEPTH``: nesting levels allowed in a JSON body (422 beyond)."""
+    max_json_string: int = 16384
+    """``HERALD_MAX_JSON_STRING``: characters in one JSON string or key of a body (422 beyond)."""
 
     # Worker
     worker_concurrency: int = 8
@@ -112,6 +116,8 @@ class Settings:
     """``HERALD_JWT_PUBLIC_KEY``: PEM key for RS256/ES256 bearer tokens."""
     jwt_audience: str | None = None
     """``HERALD_JWT_AUDIENCE``: required ``aud`` claim, when set."""
+    jwt_issuer: str | None = None
+    """``HERALD_JWT_ISSUER``: required ``iss`` claim, when set."""
 
     # Logging
     log_level: str = "info"
@@ -150,10 +156,13 @@ class Settings:
             max_ws_message=_int(env, "HERALD_MAX_WS_MESSAGE", 65536, minimum=256),
             max_connections=_int(env, "HERALD_MAX_CONNECTIONS", 20000, minimum=1),
             rate_limit=_int(env, "HERALD_RATE_LIMIT", 0, minimum=0),
+            max_json_depth=_int(env, "HERALD_MAX_JSON_DEPTH", 32, minimum=2),
+            max_json_string=_int(env, "HERALD_MAX_JSON_STRING", 16384, minimum=16),
             worker_concurrency=_int(env, "HERALD_WORKER_CONCURRENCY", 8, minimum=1),
             cors_origins=_list(env, "HERALD_CORS_ORIGINS"),
             jwt_secret=env.get("HERALD_JWT_SECRET") or None,
             jwt_public_key=env.get("HERALD_JWT_PUBLIC_KEY") or None,
             jwt_audience=env.get("HERALD_JWT_AUDIENCE") or None,
+            jwt_issuer=env.get("HERALD_JWT_ISSUER") or None,
             log_level=env.get("HERALD_LOG_LEVEL", "info").lower(),
         )

@@ -210,6 +210,17 @@ class Broker(ABC):
     async def unsubscribe(self, topic: str) -> None:
         """Stop handing this topic's live frames to the sink."""
 
+    # Counters ---------------------------------------------------------------------------
+    @abstractmethod
+    async def hit(self, key: str, window: int) -> int:
+        """Add one to the counter ``key`` and return its new value; the counter vanishes ``window`` s after
+        its first hit.
+
+        The fixed-window counter behind ``HERALD_RATE_LIMIT``, shared by every gateway process on
+        the same broker (callers put the window's number in ``key``). RedisBroker: ``INCR`` and
+        ``EXPIRE`` in one ``MULTI`` pipeline, so a counter never outlives its window.
+        """
+
     # Resources (read models of the domains built on Herald) ----------------------------
     @abstractmethod
     async def put_resource(self, path: str, document: dict[str, Any], *, ttl: int) -> None:

@@ -62,6 +62,7 @@ class MemoryBroker(Broker):
         self._operations: dict[str, tuple[Operation, float]] = {}
         self._idempotency: dict[str, tuple[str, str, float]] = {}
         self._resources: dict[str, tuple[dict[str, Any], float]] = {}
+        self._counters: dict[str, tuple[int, float]] = {}
         self._queues: dict[str, _Queue] = {}
         self._subscribed: set[str] = set()
         self._work_ready = asyncio.Condition()
@@ -92,7 +93,7 @@ class MemoryBroker(Broker):
     def sweep(self, now: float | None = None) -> None:
         """Drop every expired operation, topic, idempotency key and resource."""
         now = time.monotonic() if now is None else now
-        for store in (self._operations, self._idempotency, self._resources):
+        for store in (self._operations, self._idempotency, self._resources, self._counters):
             for key in [k for k, v in store.items() if v[-1] <= now]:
                 del store[key]
         for key in [k for k, t in self._topics.items() if t.expires_at <= now]:
@@ -287,6 +288,16 @@ class MemoryBroker(Broker):
     async def unsubscribe(self, topic: str) -> None:
         """Stop handing the topic's frames to the sink."""
         self._subscribed.discard(topic)
+
+    # Counters --------------------------------------------------------------------------
+    async def hit(self, key: str, window: int) -> int:
+        """Count one more hit on ``key`` in its window."""
+        now = time.monotonic()
+        count, expires_at = self._counters.get(key, (0, 0.0))
+        if expires_at <= now:
+            count, expires_at = 0, now + window
+        self._counters[key] = (count + 1, expires_at)
+        return count + 1
 
     # Resources -------------------------------------------------------------------------
     async def put_resource(self, path: str, document: dict[str, Any], *, ttl: int) -> None:

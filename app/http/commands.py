@@ -24,6 +24,7 @@ from starlette.routing import Route, compile_path
 from app.broker.base import BrokerError, BrokerUnavailable, IdempotencyConflict
 from app.events import EventError, build_event
 from app.http.gateway import Gateway
+from app.http.limits import check_json_shape, enforce_rate_limit
 from app.http.problems import HTTPProblem
 from app.hub import Subscriber
 from app.logs import bind_correlation_id
@@ -144,6 +145,8 @@ def parse_json(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if "depth" in exc.msg:  # well-formed, but deeper than anyone needs: the same answer as check_json_shape
+            raise HTTPProblem(422, "the body nests too deep", kind="json-too-deep") from exc
         raise HTTPProblem(400, f"the body is not valid JSON: {exc.msg}", kind="invalid-json") from exc
 
 
@@ -181,6 +184,11 @@ async def submit(
     if not gateway.accepting:
         raise HTTPProblem(503, "this gateway is shutting down; send the command to another",
                           kind="shutting-down", headers={"Retry-After": RETRY_AFTER})
+    if gateway.settings.auth_enabled and owner is None:  # HTTP is refused earlier; this is for WebSocket commands
+        raise HTTPProblem(401, "commands need Authorization: Bearer <token> (on the WebSocket: at the handshake)",
+                          kind="unauthorized", headers={"WWW-Authenticate": 'Bearer realm="herald"'})
+    await enforce_rate_limit(conn, owner)
+    check_json_shape(body, gateway.settings)
     if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise HTTPProblem(400, "Idempotency-Key must be 1-255 visible ASCII characters", kind="bad-idempotency-key")
     if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):
@@ -214,10 +222,10 @@ async def submit(
         raise HTTPProblem(503, "the broker is unreachable; the command was not accepted",
                           kind="broker-unavailable", headers={"Retry-After": "2"}) from exc
     op = accepted.operation
-    headers: dict[str, str] = {}
     bind_correlation_id(op.id)
     if accepted.created and gateway.metrics is not None:
         gateway.metrics.accepted(op.id)
+    headers: dict[str, str] = {}
     if prefer.respond_async:
         headers["Preference-Applied"] = "respond-async"
     elif prefer.wait is not None:

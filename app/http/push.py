@@ -19,13 +19,13 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from app.auth import TokenError
+from app.auth import Grant, TokenError
 from app.broker.base import BrokerError, HistoryPage
 from app.http.commands import parse_prefer, submit
 from app.http.gateway import Gateway
 from app.http.problems import HTTPProblem, problem_response
 from app.hub import HEARTBEAT, Subscriber
-from app.operations import operation_topic
+from app.operations import Operation, operation_topic
 from app.protocol import (
     SSE_HEADERS,
     SSE_HEARTBEAT,
@@ -68,13 +68,32 @@ def _check_capacity(gateway: Gateway) -> None:
                           kind="too-many-connections", headers={"Retry-After": "5"})
 
 
-def _authorize(gateway: Gateway, conn: HTTPConnection, topics: list[str]) -> None:
+def _authorize(gateway: Gateway, conn: HTTPConnection, topics: list[str]) -> Grant:
     try:
-        gateway.signer.check(_token(conn), topics)
+        return gateway.signer.check(_token(conn), topics)
     except TokenError as exc:
         raise HTTPProblem(exc.status, exc.detail, kind="invalid-token" if exc.status == 401 else "forbidden-topic",
                           headers={"WWW-Authenticate": 'Bearer realm="herald"'} if exc.status == 401 else None
                           ) from exc
+
+
+def _owner_allows(op: Operation, grant: Grant, caller: str | None) -> bool:
+    """Whether a subscriber may follow ``op``: its token was issued to the owner, and so is its bearer, if any."""
+    return op.owner is None or (grant.subject == op.owner and caller in (None, op.owner))
+
+
+async def _check_owners(gateway: Gateway, conn: HTTPConnection, topics: list[str], grant: Grant) -> None:
+    """403 when one of ``topics`` is an operation that belongs to someone else."""
+    for topic in topics:
+        if not topic.startswith("operations/"):
+            continue
+        try:
+            op = await gateway.broker.get_operation(topic.removeprefix("operations/"))
+        except BrokerError as exc:
+            raise HTTPProblem(503, "the broker is unreachable", kind="broker-unavailable",
+                              headers={"Retry-After": "2"}) from exc
+        if op is not None and not _owner_allows(op, grant, conn.scope.get("herald.subject")):
+            raise HTTPProblem(403, f"{topic!r} belongs to someone else", kind="forbidden-topic")
 
 
 # SSE ---------------------------------------------------------------------------------
@@ -215,7 +234,7 @@ async def operation_events(request: Request) -> Response:
         validate_topic(topic)
     except ProtocolError as exc:
         raise HTTPProblem(404, "no such operation", kind="operation-not-found") from exc
-    _authorize(gateway, request, [topic])
+    grant = _authorize(gateway, request, [topic])
     _check_capacity(gateway)
     try:
         op = await gateway.broker.get_operation(op_id)
@@ -224,6 +243,8 @@ async def operation_events(request: Request) -> Response:
                           headers={"Retry-After": "2"}) from exc
     if op is None:
         raise HTTPProblem(404, f"no operation {op_id!r} (unknown or expired)", kind="operation-not-found")
+    if not _owner_allows(op, grant, request.scope.get("herald.subject")):
+        raise HTTPProblem(403, "this operation belongs to someone else", kind="forbidden-topic")
     return EventStream(gateway, [topic], _cursors_for(request, [topic]), end_on_terminal=True)
 
 
@@ -232,8 +253,9 @@ async def topic_events(request: Request) -> Response:
     gateway = Gateway.of(request)
     one = request.path_params.get("topic")
     topics = _topics([unquote(one)] if one else request.query_params.getlist("topic"), gateway)
-    _authorize(gateway, request, topics)
+    grant = _authorize(gateway, request, topics)
     _check_capacity(gateway)
+    await _check_owners(gateway, request, topics, grant)
     single_operation = len(topics) == 1 and topics[0].startswith("operations/")
     return EventStream(gateway, topics, _cursors_for(request, topics), end_on_terminal=single_operation)
 
@@ -349,7 +371,12 @@ class SocketSession:
             self._fail(WS_CLOSE_POLICY, f"at most {gateway.settings.max_topics_per_connection} topics per socket")
             return
         try:
-            gateway.signer.check(token or self.url_token, [topic])
+            grant = gateway.signer.check(token or self.url_token, [topic])
+            await _check_owners(gateway, self.ws, [topic], grant)
+        except HTTPProblem as exc:
+            self.sub.control(ws_message("error", code="forbidden" if exc.status == 403 else "broker-unavailable",
+                                        status=exc.status, topic=topic, id=ref, detail=exc.detail))
+            return
         except TokenError as exc:
             if ref is None and token is None:  # a topic named in the URL: the whole socket is unauthorized
                 self._fail(WS_CLOSE_UNAUTHORIZED, exc.detail)
