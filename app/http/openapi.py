@@ -8,6 +8,7 @@ from app.http.commands import Command
 
 _PROBLEM = {"$ref": "#/components/schemas/Problem"}
 _OPERATION = {"$ref": "#/components/schemas/Operation"}
+_JSON_OBJECT = {"application/json": {"schema": {"type": "object"}}}
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -107,11 +108,20 @@ def build_openapi(commands: list[Command]) -> dict[str, Any]:
             "summary": "Several topics on one SSE stream",
             "operationId": "topics_events",
             "parameters": [
-                {"name": "topic", "in": "query", "required": True, "schema": {"type": "array", "items": {"type": "string"}},
-                 "style": "form", "explode": True},
+                {"name": "topic", "in": "query", "required": True,
+                 "schema": {"type": "array", "items": {"type": "string"}}, "style": "form", "explode": True},
                 token,
                 resume,
             ],
+            "responses": {"200": {"description": "Event stream", "content": stream}, **sse_errors},
+        }
+    }
+    paths["/topics/{topic}/events"] = {
+        "get": {
+            "summary": "One topic as SSE (its name keeps its slashes, e.g. /topics/chats/lobby/events)",
+            "operationId": "topic_events",
+            "parameters": [{"name": "topic", "in": "path", "required": True, "schema": {"type": "string"}},
+                           token, resume],
             "responses": {"200": {"description": "Event stream", "content": stream}, **sse_errors},
         }
     }
@@ -121,7 +131,7 @@ def build_openapi(commands: list[Command]) -> dict[str, Any]:
     paths["/chats/{room}"] = {"get": {
         "summary": "A room's URLs and subscribe token", "operationId": "get_room",
         "parameters": _path_params("/chats/{room}"),
-        "responses": {"200": {"description": "The room", "content": {"application/json": {"schema": {"type": "object"}}}},
+        "responses": {"200": {"description": "The room", "content": _JSON_OBJECT},
                       "404": _problem("Invalid room name")},
     }}
     paths["/chats/{room}/messages"]["get"] = {
@@ -129,14 +139,14 @@ def build_openapi(commands: list[Command]) -> dict[str, Any]:
         "parameters": [*_path_params("/chats/{room}"),
                        {"name": "limit", "in": "query", "required": False,
                         "schema": {"type": "integer", "minimum": 1, "maximum": 500}}],
-        "responses": {"200": {"description": "Messages", "content": {"application/json": {"schema": {"type": "object"}}}},
+        "responses": {"200": {"description": "Messages", "content": _JSON_OBJECT},
                       "400": _problem("Bad limit"), "404": _problem("Invalid room name"),
                       "503": _problem("Broker unavailable")},
     }
     paths["/chats/{room}/messages/{message_id}"] = {"get": {
         "summary": "One message", "operationId": "get_message",
         "parameters": _path_params("/chats/{room}/messages/{message_id}"),
-        "responses": {"200": {"description": "The message", "content": {"application/json": {"schema": {"type": "object"}}}},
+        "responses": {"200": {"description": "The message", "content": _JSON_OBJECT},
                       "404": _problem("No such message"), "503": _problem("Broker unavailable")},
     }}
     return {
