@@ -40,7 +40,7 @@ def save_screenshot(png: bytes, name: str) -> Path:
 def test_message_reaches_the_other_page_live_and_the_read_receipt_comes_back(
     herald: HeraldServer, chat: OpenChat, transport: str
 ) -> None:
-    room = new_room(transport)
+    room = f"team-{transport}"  # readable in the screenshot; the package's gateway is fresh per session
     ann = chat(herald, room, "ann", transport)
     bob = chat(herald, room, "bob", transport)
     ann.expect_live(transport)
