@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from app.auth import TokenError
 from app.http.commands import read_json_body
@@ -138,12 +139,15 @@ class BearerAuthMiddleware:
             elif scope["type"] == "http" and needs_bearer(scope["method"], scope["path"]):
                 raise BearerError("this request needs Authorization: Bearer <token>")
         except BearerError as exc:
-            if scope["type"] == "websocket":  # refused before the handshake completes: the client sees 403
-                await send({"type": "websocket.close", "code": WS_CLOSE_UNAUTHORIZED, "reason": exc.detail})
-                return
             challenge = 'Bearer realm="herald"' + (', error="invalid_token"' if header is not None else "")
-            problem = HTTPProblem(401, exc.detail, kind="unauthorized", headers={"WWW-Authenticate": challenge})
-            await problem_response(problem)(scope, receive, send)
+            response = problem_response(HTTPProblem(401, exc.detail, kind="unauthorized",
+                                                    headers={"WWW-Authenticate": challenge}))
+            if scope["type"] == "http":
+                await response(scope, receive, send)
+            elif "websocket.http.response" in scope.get("extensions", {}):  # the handshake answered with the 401
+                await WebSocket(scope, receive, send).send_denial_response(response)
+            else:
+                await send({"type": "websocket.close", "code": WS_CLOSE_UNAUTHORIZED, "reason": exc.detail})
             return
         await self.app(scope, receive, send)
 

@@ -137,9 +137,11 @@ async def test_websocket_commands_need_the_bearer_at_the_handshake(server: Heral
         assert reply["type"] == "operation"
         token = reply["operation"]["subscribe_url"].split("token=")[1]
         assert jwt.decode(token, options={"verify_signature": False})["sub"] == "alice"
-    with pytest.raises(websockets.InvalidStatus):
+    with pytest.raises(websockets.InvalidStatus) as refused:
         async with websockets.connect(f"{server.ws_url}/ws", additional_headers=bearer("x", ttl=-100)):
             pass
+    assert refused.value.response.status_code == 401
+    assert orjson.loads(refused.value.response.body)["status"] == 401
 
 
 # Topic tokens ----------------------------------------------------------------------------
