@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import FrameType
 
 import orjson
 from starlette.applications import Starlette
@@ -60,6 +63,40 @@ async def readyz(request: Request) -> Response:
     return Response(b'{"status":"ready"}', media_type="application/json")
 
 
+@contextlib.contextmanager
+def drain_on_exit_signals(gateway: Gateway) -> Iterator[None]:
+    """While serving: on SIGTERM/SIGINT, stop accepting and tell every push client to go, then chain on.
+
+    uvicorn waits for open responses to finish before it runs the lifespan's shutdown, and an
+    SSE stream never finishes by itself: without this a stopping gateway would hang as long as
+    one EventSource stayed connected. Clients get ``herald.disconnect`` (SSE) or close 4001
+    (WebSocket) with their cursor, and reconnect to another process.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        gateway.accepting = False
+        loop.call_soon_threadsafe(gateway.hub.shutdown)
+        chained = previous[signum]
+        if callable(chained):
+            chained(signum, frame)
+        elif chained == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    for sig in previous:
+        signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     """Last resort: log it, answer a problem without internals."""
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -104,7 +141,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         log.info("herald ready", extra={"broker": "redis" if settings.redis_url else "memory",
                                         "embedded_worker": settings.embedded_worker})
         try:
-            yield
+            with drain_on_exit_signals(gateway):
+                yield
         finally:
             gateway.accepting = False
             await hub.close()
