@@ -1,0 +1,148 @@
+"""``python -m bench [--quick | --tiny] [--scenarios A,B,C,D,E] [--targets herald,naive,nchan]``.
+
+Runs each scenario against a freshly started server per target (each with a fresh redis-server
+of its own on a free loopback port), then appends the results to ``bench/results/runs.jsonl`` and
+writes the table to ``bench/results/latest.md`` (``latest-quick.md`` / ``latest-tiny.md`` for the
+smaller modes). The full run keeps under five minutes on a 2-core machine; ``--quick`` is a
+minute or so; ``--tiny`` (a few dozen connections) is what the smoke test runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import servers
+from bench.report import Result, write
+from bench.scenarios import FULL, QUICK, TINY, Case, cases
+from bench.servers import RedisServer, raise_fd_limit
+from bench.targets import TargetKind, make_targets
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TIME_LIMIT = 280.0  # seconds: the whole run stays under five minutes; later cases are skipped past it
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=servers.ROOT, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "app", "bench"], cwd=servers.ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _describe(kinds: list[TargetKind]) -> dict[str, str]:
+    uvicorn = "uvicorn --loop uvloop --http httptools --ws websockets-sansio, one process"
+    out: dict[str, str] = {}
+    for kind in kinds:
+        if kind.name == "herald":
+            broker = ("Redis broker, one gateway process + one `python -m app.worker`" if servers.herald_uses_redis()
+                      else "memory broker with the embedded worker (the Redis broker is not in this tree yet)")
+            out["herald"] = f"{broker}; {uvicorn}"
+        elif kind.name == "naive":
+            out["naive"] = ("bench/baselines/naive.py: starlette + sse-starlette, one Redis pub/sub connection per "
+                            f"subscriber, commands via a Redis list and one worker process; {uvicorn}")
+        elif kind.name == "nchan":
+            out["nchan"] = "nginx 1.22 + nchan 1.3.6 (Debian), 1 worker process, Redis storage (nchan_redis_pass)"
+    return out
+
+
+async def run_case(case: Case, kind: TargetKind, workdir: Path) -> Result:
+    """Start a fresh Redis and server, run the case, stop both."""
+    result = Result(case.scenario, case.variant, kind.name, notes=list(case.notes))
+    start = time.monotonic()
+    redis = RedisServer(workdir).start()
+    try:
+        target = kind.start(workdir, redis, commands=case.commands)
+        result.notes.extend(target.notes)
+        try:
+            result.metrics = await asyncio.wait_for(case.run(kind, target), 150)
+        finally:
+            target.stop()
+    except Exception as exc:  # a failing case is reported, and the run goes on
+        result.error = f"{type(exc).__name__}: {str(exc)[:600]}"
+    finally:
+        redis.stop()
+        result.seconds = round(time.monotonic() - start, 1)
+    return result
+
+
+async def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the cases, write the results."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
+    mode.add_argument("--tiny", action="store_true", help="a few dozen connections (the smoke test)")
+    parser.add_argument("--scenarios", default="A,B,C,D,E", help="comma-separated, from A,B,C,D,E")
+    parser.add_argument("--targets", default="herald,naive,nchan", help="comma-separated, from herald,naive,nchan")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where runs.jsonl and the table go")
+    args = parser.parse_args(argv)
+
+    sizes, mode_name = (QUICK, "quick") if args.quick else (TINY, "tiny") if args.tiny else (FULL, "full")
+    selected = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
+    kinds = make_targets([t.strip() for t in args.targets.split(",") if t.strip()])
+    nofile = raise_fd_limit()
+    begun = time.monotonic()
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="herald-bench-") as tmp:
+        counter = iter(range(10**6))
+        workdir = Path(tmp)
+
+        def case_dir() -> Path:
+            return workdir
+
+        for case in cases(selected, sizes, case_dir):
+            for kind in kinds:
+                if case.commands and not kind.supports_commands:
+                    continue
+                if time.monotonic() - begun > TIME_LIMIT:
+                    results.append(Result(case.scenario, case.variant, kind.name,
+                                          error=f"skipped: the run passed its {TIME_LIMIT:.0f} s budget"))
+                    continue
+                workdir = Path(tmp) / f"case-{next(counter)}"
+                workdir.mkdir()
+                result = await run_case(case, kind, workdir)
+                status = f"error: {result.error}" if result.error else _headline(result)
+                print(f"[{time.monotonic() - begun:5.0f}s] {case.scenario} {case.variant} / {kind.name}: {status}",
+                      flush=True)
+                results.append(result)
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    meta = {
+        "run": started.replace(" ", "T") + f"-{os.getpid()}",
+        "mode": mode_name,
+        "started": started,
+        "command": "make bench" if mode_name == "full" and argv is None and not sys.argv[1:] else command.strip(),
+        "commit": _commit(),
+        "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}, fd limit {nofile}",
+        "seconds": time.monotonic() - begun,
+        "targets": _describe(kinds),
+    }
+    table = write(args.out, results, meta, [k.name for k in kinds])
+    print(table.read_text())
+    print(f"bench: table in {table}, JSON lines in {args.out / 'runs.jsonl'}")
+    return 1 if any(r.error and not r.error.startswith("skipped") for r in results) else 0
+
+
+def _headline(result: Result) -> str:
+    m = result.metrics
+    keys = ("connected", "failed", "kib_per_conn", "connect_s", "delivered", "expected", "lost", "p50_ms", "p99_ms",
+            "deliveries_per_s", "max_rate_p99_under_100ms", "p99_ms_at_500")
+    return ", ".join(f"{k}={m[k]}" for k in keys if k in m) + f" ({result.seconds}s)"
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    sys.exit(uvloop.run(main()))

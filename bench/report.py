@@ -1,0 +1,229 @@
+"""Results: JSON lines per run, the markdown table, Herald's ratios to each baseline, the issue's targets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Result:
+    """One scenario variant against one target."""
+
+    scenario: str
+    variant: str
+    target: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+# (metric, label, which way is better) per scenario; Herald's value / the baseline's is the ratio shown.
+IDLE = [("connected", "connected", "higher"), ("failed", "failed", "lower"), ("connect_s", "s to connect all", "lower"),
+        ("kib_per_conn", "server KiB / conn", "lower"), ("redis_kib_per_conn", "Redis KiB / conn", "lower"),
+        ("rss_after_mib", "server RSS MiB", "lower"), ("cpu_s", "server CPU s", "lower")]
+FANOUT = [("delivered", "delivered", "higher"), ("expected", "expected", "higher"), ("lost", "lost", "lower"),
+          ("duplicated", "duplicated", "lower"), ("out_of_order", "out of order", "lower"),
+          ("publish_rate", "publish rate /s", "higher"), ("p50_ms", "latency p50 ms", "lower"),
+          ("p99_ms", "latency p99 ms", "lower"), ("max_ms", "latency max ms", "lower"),
+          ("cpu_s", "server CPU s", "lower")]
+MANY = [("delivered", "delivered", "higher"), ("expected", "expected", "higher"), ("lost", "lost", "lower"),
+        ("deliveries_per_s", "deliveries / s", "higher"), ("p50_ms", "latency p50 ms", "lower"),
+        ("p99_ms", "latency p99 ms", "lower"), ("max_ms", "latency max ms", "lower"),
+        ("publish_rate", "publish rate /s", "higher"), ("cpu_s", "server CPU s", "lower")]
+E2E = [("max_rate_p99_under_100ms", "highest ops/s with p99 < 100 ms", "higher"),
+       ("p50_ms_at_500", "p50 ms at 500 ops/s", "lower"), ("p99_ms_at_500", "p99 ms at 500 ops/s", "lower")]
+
+
+def metrics_of(result: Result) -> list[tuple[str, str, str]]:
+    """The metrics shown for a result's scenario variant."""
+    if result.scenario == "A" or "idle" in result.variant:
+        return IDLE
+    if result.scenario == "B":
+        return FANOUT
+    if result.scenario == "D":
+        return E2E
+    return MANY
+
+
+def ratio(herald: Any, baseline: Any) -> float | None:
+    """Herald's value divided by the baseline's, when both are positive numbers."""
+    if isinstance(herald, bool) or isinstance(baseline, bool):
+        return None
+    if isinstance(herald, (int, float)) and isinstance(baseline, (int, float)) and baseline > 0 and herald >= 0:
+        return herald / baseline
+    return None
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" if value < 100 else f"{value:,.0f}x"
+
+
+# Targets of issue 5 ------------------------------------------------------------------------------
+
+@dataclass
+class Check:
+    """One target of the issue: what it asks, what was measured, whether it is met."""
+
+    scenario: str
+    required: str
+    measured: str
+    met: bool | None  # None: not measured in this run
+
+
+def _find(results: list[Result], scenario: str, target: str, variant_has: str = "") -> Result | None:
+    for r in results:
+        if r.scenario == scenario and r.target == target and variant_has in r.variant and r.error is None:
+            return r
+    return None
+
+
+def checks(results: list[Result], sizes_full: bool) -> list[Check]:
+    """Evaluate the issue's targets on this run's results (only a full run has the issue's sizes)."""
+    out: list[Check] = []
+    a = _find(results, "A", "herald", "x10000")
+    a_naive = _find(results, "A", "naive", "x10000")
+    if a is not None:
+        m = a.metrics
+        per = m.get("kib_per_conn")
+        naive_per = a_naive.metrics.get("kib_per_conn") if a_naive else None
+        r = ratio(per, naive_per)
+        ok = m["connected"] == 10000 and per is not None and per <= 16 and (r is not None and r <= 0.25)
+        out.append(Check("A", "10,000 SSE all connected; ≤ 16 KiB/conn; ≤ 1/4 of naive",
+                         f"{m['connected']:,} connected, {m['failed']} failed; {_fmt(per)} KiB/conn; "
+                         f"{_fmt_ratio(r)} of naive ({_fmt(naive_per)} KiB/conn)", ok))
+    else:
+        out.append(Check("A", "10,000 SSE all connected; ≤ 16 KiB/conn; ≤ 1/4 of naive", "not run at 10,000", None))
+    b = _find(results, "B", "herald")
+    if b is not None:
+        m = b.metrics
+        full = m["subscribers"] == 1000 and m["published"] == 200
+        ok = (full and m["delivered"] == 200_000 and m["lost"] == 0 and m["duplicated"] == 0
+              and m["out_of_order"] == 0 and (m["publish_rate"] or 0) >= 49.5 and (m["p99_ms"] or 1e9) <= 50)
+        out.append(Check("B", "200,000 deliveries; 0 lost/dup/out of order; 50/s held; p99 ≤ 50 ms",
+                         f"{m['delivered']:,}/{m['expected']:,} delivered, {m['lost']} lost, {m['duplicated']} dup, "
+                         f"{m['out_of_order']} out of order; {_fmt(m['publish_rate'])}/s; p99 {_fmt(m['p99_ms'])} ms",
+                         ok if full else None))
+    c = _find(results, "C", "herald")
+    c_naive = _find(results, "C", "naive")
+    if c is not None:
+        m = c.metrics
+        r = ratio(m["deliveries_per_s"], c_naive.metrics.get("deliveries_per_s") if c_naive else None)
+        ok = ((m["deliveries_per_s"] or 0) >= 5000 and (m["p99_ms"] or 1e9) <= 20 and r is not None and r >= 5
+              and m["lost"] == 0)
+        out.append(Check("C", "≥ 5,000 deliveries/s; p99 ≤ 20 ms; ≥ 5x naive",
+                         f"{_fmt(m['deliveries_per_s'])}/s, p99 {_fmt(m['p99_ms'])} ms, {_fmt_ratio(r)} naive; "
+                         f"{m['delivered']:,}/{m['expected']:,} delivered", ok if m["subscribers"] >= 2000 else None))
+    d = _find(results, "D", "herald")
+    if d is not None:
+        p99 = d.metrics.get("p99_ms_at_500")
+        step = next((s for s in d.metrics["steps"] if s["rate"] == 500), None)
+        ok = (step is not None and p99 is not None and p99 <= 50 and step["delivered"] == step["accepted"]
+              and step["accepted"] == step["posted"])
+        out.append(Check("D", "p99 ≤ 50 ms at 500 operations/s",
+                         f"p99 {_fmt(p99)} ms at 500/s" + (f" ({step['delivered']}/{step['posted']} delivered)"
+                                                           if step else " (500/s not reached)")
+                         + f"; highest rate with p99 < 100 ms: {d.metrics['max_rate_p99_under_100ms']}/s",
+                         ok if step is not None or sizes_full else None))
+    return out
+
+
+# Writing -------------------------------------------------------------------------------------------
+
+def markdown(results: list[Result], meta: dict[str, Any], targets: list[str]) -> str:
+    """The table of a run: Herald and each baseline side by side, with Herald's ratios."""
+    baselines = [t for t in targets if t != "herald"]
+    lines = [
+        f"# Herald benchmark: {meta['mode']} run, {meta['started']}",
+        "",
+        f"Command: `{meta['command']}` · commit `{meta['commit']}` · {meta['machine']} · "
+        f"{meta['seconds']:.0f} s in all",
+        "",
+    ]
+    for name, desc in meta["targets"].items():
+        lines.append(f"- **{name}**: {desc}")
+    lines += ["", "Ratios are Herald's figure divided by the baseline's (lower is better for memory, time and "
+              "latency; higher for rates and deliveries).", ""]
+    if "herald" in targets:
+        lines += ["## Targets of issue 5", "", "| scenario | target | measured | met |", "| --- | --- | --- | --- |"]
+        for c in checks(results, meta["mode"] == "full"):
+            met = "n/a (not at full size)" if c.met is None else ("yes" if c.met else "**no**")
+            lines.append(f"| {c.scenario} | {c.required} | {c.measured} | {met} |")
+        lines.append("")
+    lines += ["## Results", ""]
+    head = ["scenario", "metric", *targets, *(f"herald/{b}" for b in baselines if "herald" in targets)]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    seen: list[tuple[str, str]] = []
+    for r in results:
+        if (r.scenario, r.variant) not in seen:
+            seen.append((r.scenario, r.variant))
+    for scenario, variant in seen:
+        by_target = {r.target: r for r in results if r.scenario == scenario and r.variant == variant}
+        sample = next(iter(by_target.values()))
+        first = True
+        for key, label, _ in metrics_of(sample):
+            row = [f"{scenario}: {variant}" if first else "", label]
+            values = {}
+            for t in targets:
+                res = by_target.get(t)
+                if res is None:
+                    row.append("n/a")
+                elif res.error:
+                    row.append("error" if first else "")
+                else:
+                    values[t] = res.metrics.get(key)
+                    row.append(_fmt(values[t]))
+            if "herald" in targets:
+                row += [_fmt_ratio(ratio(values.get("herald"), values.get(b))) for b in baselines]
+            lines.append("| " + " | ".join(row) + " |")
+            first = False
+    d_results = [r for r in results if r.scenario == "D" and not r.error]
+    if d_results:
+        lines += ["", "### D: each rate step", "",
+                  "| target | ops/s asked | achieved | posted | accepted | delivered | p50 ms | p99 ms | max ms "
+                  "| POST p99 ms |", "|" + " --- |" * 10]
+        for r in d_results:
+            for s in r.metrics["steps"]:
+                lines.append(f"| {r.target} | {s['rate']} | {_fmt(s['achieved_rate'])} | {s['posted']} | "
+                             f"{s['accepted']} | {s['delivered']} | {_fmt(s['p50_ms'])} | {_fmt(s['p99_ms'])} | "
+                             f"{_fmt(s['max_ms'])} | {_fmt(s['post_p99_ms'])} |")
+    errors = [r for r in results if r.error]
+    notes = [(r, n) for r in results for n in r.notes]
+    if errors or notes:
+        lines += ["", "## Notes", ""]
+        for r in errors:
+            lines.append(f"- {r.scenario} {r.variant} / {r.target}: error: {r.error}")
+        for r, n in notes:
+            lines.append(f"- {r.scenario} {r.variant} / {r.target}: {n}")
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir: Path, results: list[Result], meta: dict[str, Any], targets: list[str]) -> Path:
+    """Append the run to ``runs.jsonl`` and write its table; returns the table's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "runs.jsonl", "a") as fh:
+        for r in results:
+            fh.write(json.dumps({"run": meta["run"], "mode": meta["mode"], "commit": meta["commit"],
+                                 "started": meta["started"], **asdict(r)}, default=str) + "\n")
+        fh.write(json.dumps({"run": meta["run"], "summary": True, **meta,
+                             "checks": [asdict(c) for c in checks(results, meta["mode"] == "full")]},
+                            default=str) + "\n")
+    name = "latest.md" if meta["mode"] == "full" else f"latest-{meta['mode']}.md"
+    path = out_dir / name
+    path.write_text(markdown(results, meta, targets))
+    return path

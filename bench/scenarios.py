@@ -1,0 +1,491 @@
+"""Scenarios A-E of issue 5, each run against one freshly started target.
+
+A. idle capacity: N SSE subscribers on distinct topics: server KiB per connection, seconds to
+   connect them all, failures. B. fan-out: subscribers on one topic, events at a fixed rate:
+   delivered / expected, lost, duplicated, out of order, latency. C. many 1:1 topics: one event
+   per topic as fast as the publisher goes: deliveries per second, latency. D. end to end:
+   POST → 202 → worker → correlated event over SSE at stepped rates. E. A and C over WebSocket.
+
+Latency is arrival - publish on one clock (``time.time_ns``): the publisher stamps each event's
+data, the subscriber stamps the bytes as they arrive. In D the start is the moment the POST was
+scheduled (open loop, so a slow server cannot hide its queueing), the end the arrival of the
+event carrying the operation's correlation id on the room's SSE stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.loadgen import (
+    Group,
+    HTTPPool,
+    OpenResult,
+    SSESubscriber,
+    Subscriber,
+    WSSubscriber,
+    close_all,
+    envelope,
+    latency_summary,
+    open_subscribers,
+    sse_messages,
+    sse_request,
+    ws_messages,
+    ws_request,
+)
+from bench.servers import HOST, PYTHON, ROOT, Target
+from bench.targets import TargetKind
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each scenario is in one mode of the bench."""
+
+    a_sizes: tuple[int, ...]
+    b_subscribers: int
+    b_events: int
+    b_rate: float
+    c_subscribers: int
+    d_rooms: int
+    d_rates: tuple[int, ...]
+    d_step_seconds: float
+    e_sizes: tuple[int, ...]
+    e_c_subscribers: int
+    publish_concurrency: int = 16
+    settle_seconds: float = 1.0  # after connecting, before memory is read
+    quiet_seconds: float = 1.0  # no bytes for this long: every subscriber has all it will get
+
+
+FULL = Sizes(a_sizes=(1000, 10000), b_subscribers=1000, b_events=200, b_rate=50.0, c_subscribers=2000,
+             d_rooms=20, d_rates=(100, 250, 500, 750, 1000, 1500), d_step_seconds=3.0,
+             e_sizes=(1000, 10000), e_c_subscribers=2000)
+QUICK = Sizes(a_sizes=(200, 1000), b_subscribers=200, b_events=50, b_rate=50.0, c_subscribers=500,
+              d_rooms=10, d_rates=(50, 100, 250), d_step_seconds=1.5, e_sizes=(1000,), e_c_subscribers=500)
+TINY = Sizes(a_sizes=(20,), b_subscribers=20, b_events=20, b_rate=50.0, c_subscribers=20,
+             d_rooms=4, d_rates=(20,), d_step_seconds=1.0, e_sizes=(20,), e_c_subscribers=20,
+             settle_seconds=0.2, quiet_seconds=0.3)
+
+
+@dataclass
+class Case:
+    """One scenario variant: a name, whether it needs commands (a worker), and its coroutine."""
+
+    scenario: str
+    variant: str
+    run: Callable[[TargetKind, Target], Awaitable[dict[str, Any]]]
+    commands: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# Helpers -------------------------------------------------------------------------------------
+
+def _factories(kind: TargetKind, port: int, paths: list[str], transport: str) -> list[Callable[[Group], Subscriber]]:
+    hostport = f"{HOST}:{port}"
+    if transport == "sse":
+        return [functools.partial(SSESubscriber, sse_request(p, hostport)) for p in paths]
+    return [functools.partial(WSSubscriber, ws_request(p, hostport), ready_on_message=kind.ws_ready_on_message)
+            for p in paths]
+
+
+def _paths(kind: TargetKind, topics: list[str], transport: str) -> list[str]:
+    build = kind.sse_path if transport == "sse" else kind.ws_path
+    return [build(t) for t in topics]
+
+
+async def _open(kind: TargetKind, target: Target, topics: list[str], transport: str) -> OpenResult:
+    return await open_subscribers(HOST, target.port, _factories(kind, target.port, _paths(kind, topics, transport),
+                                                                transport))
+
+
+async def quiesce(group: Group, *, quiet: float = 0.5, cap: float = 10.0) -> None:
+    """Wait until no subscriber has received anything for ``quiet`` seconds (at most ``cap``)."""
+    deadline = time.monotonic() + cap
+    while time.monotonic() < deadline:
+        if time.time_ns() - group.last_rx > quiet * 1e9:
+            return
+        await asyncio.sleep(0.05)
+
+
+def _messages(sub: Subscriber) -> list[Any]:
+    if isinstance(sub, WSSubscriber):
+        return ws_messages(sub.frames)
+    return sse_messages(sub.chunks)[1]
+
+
+def alive(subs: list[Subscriber]) -> int:
+    """Subscribers that got ready and are still connected."""
+    return sum(1 for s in subs if s.ready_at and not s.lost_at)
+
+
+@dataclass
+class Deliveries:
+    """What the subscribers of B and C received of the bench's ticks."""
+
+    delivered: int = 0
+    unique: int = 0
+    duplicated: int = 0
+    out_of_order: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    last_arrival_ns: int = 0
+
+
+def count_ticks(subs: list[Subscriber]) -> tuple[Deliveries, list[set[int]]]:
+    """Parse every subscriber's bytes: the ticks each received, in order, and their latencies."""
+    out = Deliveries()
+    seen_per_sub: list[set[int]] = []
+    for sub in subs:
+        seen: set[int] = set()
+        prev = -1
+        for message in _messages(sub):
+            env = envelope(message.json())
+            if env is None or env.get("type") != "bench.tick":
+                continue
+            data = env["data"]
+            seq = data["seq"]
+            out.delivered += 1
+            out.latencies_ms.append((message.arrived_ns - data["t"]) / 1e6)
+            out.last_arrival_ns = max(out.last_arrival_ns, message.arrived_ns)
+            if seq in seen:
+                out.duplicated += 1
+            else:
+                seen.add(seq)
+            if seq < prev:
+                out.out_of_order += 1
+            prev = max(prev, seq)
+        out.unique += len(seen)
+        seen_per_sub.append(seen)
+    return out, seen_per_sub
+
+
+class Publisher:
+    """``python -m bench.publisher`` as a child process: started, told to go, read back."""
+
+    def __init__(self, spec: dict[str, Any], workdir: Path) -> None:
+        self.spec = spec
+        self.workdir = workdir
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Start it and wait until it is connected."""
+        err = open(self.workdir / "publisher.log", "ab")  # noqa: ASYNC230 - a local file, opened once
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                PYTHON, "-m", "bench.publisher", orjson.dumps(self.spec).decode(), cwd=ROOT,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True)
+        finally:
+            err.close()
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"publisher did not start: {line!r}\n{self._log()}")
+
+    def go(self) -> None:
+        """Let it publish."""
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+
+    async def result(self, timeout: float) -> dict[str, Any]:
+        """Its statistics, once it is done (killed after ``timeout`` seconds)."""
+        assert self.proc is not None and self.proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.proc.kill()
+            raise
+        if not line:
+            raise RuntimeError(f"publisher failed:\n{self._log()}")
+        stats: dict[str, Any] = orjson.loads(line)
+        return stats
+
+    def _log(self) -> str:
+        return (self.workdir / "publisher.log").read_text(errors="replace")[-3000:]
+
+
+def publisher_spec(kind: TargetKind, target: Target, **spec: Any) -> dict[str, Any]:
+    """The publisher's spec for ``kind``."""
+    return {"kind": kind.name, "redis_url": target.redis.url, "http_port": target.port, **spec}
+
+
+async def publish_and_wait(target: Target, group: Group, spec: dict[str, Any], workdir: Path, *,
+                           quiet: float) -> tuple[dict[str, Any], float]:
+    """Run the publisher, then wait until the subscribers are quiet; its statistics and the server's CPU seconds."""
+    publisher = Publisher(spec, workdir)
+    await publisher.start()
+    await asyncio.sleep(quiet / 2)
+    usage0 = target.tree().usage()
+    publisher.go()
+    stats = await publisher.result(spec["max_seconds"] + 30)
+    await quiesce(group, quiet=quiet, cap=15)
+    usage1 = target.tree().usage()
+    target.check_alive()
+    return stats, usage1.cpu - usage0.cpu
+
+
+def _mib(n: int) -> float:
+    return round(n / MiB, 1)
+
+
+# A and E-A: idle capacity ---------------------------------------------------------------------
+
+async def idle_capacity(kind: TargetKind, target: Target, *, n: int, transport: str,
+                        settle: float = 1.0) -> dict[str, Any]:
+    """Open ``n`` subscribers on distinct topics and weigh what they cost the server."""
+    topics = [f"bench-a-{i}" for i in range(n)]
+    factories = _factories(kind, target.port, _paths(kind, topics, transport), transport)
+    gc.collect()
+    await asyncio.sleep(settle / 2)
+    tree, redis_tree = target.tree(), target.redis.tree()
+    before, redis_before = tree.usage(), redis_tree.usage()
+    opened = await open_subscribers(HOST, target.port, factories)
+    await asyncio.sleep(settle)
+    after, redis_after = tree.usage(), redis_tree.usage()
+    target.check_alive()
+    up = alive(opened.subscribers)
+    close_all(opened.subscribers)
+    return {
+        "subscribers": n,
+        "connected": up,
+        "failed": n - up,
+        "errors": opened.group.errors,
+        "refusals": opened.group.samples,
+        "connect_s": round(opened.seconds, 2),
+        "rss_before_mib": _mib(before.rss),
+        "rss_after_mib": _mib(after.rss),
+        "kib_per_conn": round((after.rss - before.rss) / 1024 / up, 2) if up else None,
+        "redis_kib_per_conn": round((redis_after.rss - redis_before.rss) / 1024 / up, 2) if up else None,
+        "cpu_s": round(after.cpu - before.cpu, 2),
+        "processes": after.processes,
+    }
+
+
+# B: fan-out ---------------------------------------------------------------------------------
+
+async def fan_out(kind: TargetKind, target: Target, *, n: int, events: int, rate: float, workdir: Path,
+                  quiet: float = 1.0, transport: str = "sse") -> dict[str, Any]:
+    """``n`` subscribers on one topic, ``events`` published at ``rate``/s."""
+    topic = "bench-b"
+    path = _paths(kind, [topic], transport)[0]
+    opened = await open_subscribers(HOST, target.port, _factories(kind, target.port, [path] * n, transport))
+    spec = publisher_spec(kind, target, mode="rate", topics=[topic], count=events, rate=rate,
+                          max_seconds=events / rate * 3 + 10)
+    stats, cpu = await publish_and_wait(target, opened.group, spec, workdir, quiet=quiet)
+    up = alive(opened.subscribers)
+    found, _ = count_ticks(opened.subscribers)
+    close_all(opened.subscribers)
+    ready = [s for s in opened.subscribers if s.ready_at]
+    expected = len(ready) * stats["published"]
+    return {
+        "subscribers": n,
+        "connected": len(ready),
+        "still_connected": up,
+        "published": stats["published"],
+        "publish_errors": stats["errors"],
+        "publish_rate": round(stats["rate"], 2) if stats["rate"] else None,
+        "expected": expected,
+        "delivered": found.delivered,
+        "lost": expected - found.unique,
+        "duplicated": found.duplicated,
+        "out_of_order": found.out_of_order,
+        **_rounded(latency_summary(found.latencies_ms)),
+        "cpu_s": round(cpu, 2),
+    }
+
+
+def _rounded(summary: dict[str, float | None]) -> dict[str, float | None]:
+    return {k: round(v, 2) if v is not None else None for k, v in summary.items()}
+
+
+# C and E-C: many 1:1 topics -------------------------------------------------------------------
+
+async def many_topics(kind: TargetKind, target: Target, *, n: int, workdir: Path, transport: str,
+                      concurrency: int, quiet: float = 1.0) -> dict[str, Any]:
+    """``n`` subscribers each on its own topic, one event each, published as fast as it goes."""
+    topics = [f"bench-c-{i}" for i in range(n)]
+    opened = await _open(kind, target, topics, transport)
+    spec = publisher_spec(kind, target, mode="each", topics=topics, concurrency=concurrency, max_seconds=60)
+    stats, cpu = await publish_and_wait(target, opened.group, spec, workdir, quiet=quiet)
+    found, _ = count_ticks(opened.subscribers)
+    close_all(opened.subscribers)
+    ready = sum(1 for s in opened.subscribers if s.ready_at)
+    span = (found.last_arrival_ns - stats["first_ns"]) / 1e9 if found.delivered else 0
+    return {
+        "subscribers": n,
+        "connected": ready,
+        "connect_s": round(opened.seconds, 2),
+        "published": stats["published"],
+        "publish_rate": round(stats["rate"], 1) if stats["rate"] else None,
+        "expected": ready,
+        "delivered": found.delivered,
+        "lost": ready - found.unique,
+        "duplicated": found.duplicated,
+        "deliveries_per_s": round(found.delivered / span, 1) if span > 0 else None,
+        **_rounded(latency_summary(found.latencies_ms)),
+        "cpu_s": round(cpu, 2),
+    }
+
+
+# D: end to end ------------------------------------------------------------------------------
+
+async def end_to_end(kind: TargetKind, target: Target, *, rooms: int, rates: tuple[int, ...],
+                     step_seconds: float) -> dict[str, Any]:
+    """POST → 202 → worker → correlated event on the room's SSE stream, at stepped rates."""
+    room_names = [f"bench-d-{i}" for i in range(rooms)]
+    paths = [kind.room_path(r) for r in room_names]
+    opened = await open_subscribers(HOST, target.port, _factories(kind, target.port, paths, "sse"))
+    if opened.connected < rooms:
+        raise RuntimeError(f"only {opened.connected} of {rooms} room streams connected: {opened.group.errors}")
+    pool = await HTTPPool(HOST, target.port, size=64).start()
+    steps: list[dict[str, Any]] = []
+    sent: dict[str, int] = {}  # operation id → scheduled POST time (ns)
+    try:
+        # one operation through the whole path first, so the worker is known to be up before timing starts
+        status, body = await pool.post(*kind.command(room_names[0], -1), timeout=20)
+        if status != 202:
+            raise RuntimeError(f"the warm-up command was answered {status}: {body[:300]!r}")
+        await _wait_delivered(opened.subscribers, [kind.operation_id(body)], cap=20)
+        seq = 0
+        for rate in rates:
+            step, seq = await _step(kind, pool, room_names, rate, step_seconds, seq, sent)
+            await _wait_delivered(opened.subscribers, step["ops"], cap=max(3.0, step_seconds))
+            step.update(_step_latency(opened.subscribers, step["ops"], sent))
+            step.pop("ops")
+            steps.append(step)
+            if step["p99_ms"] is None or step["p99_ms"] > 1000 or step["delivered"] < 0.9 * step["accepted"]:
+                break
+    finally:
+        pool.close()
+        close_all(opened.subscribers)
+    target.check_alive()
+    sustained = [s for s in steps if s["accepted"] == s["posted"] and s["delivered"] == s["accepted"]
+                 and s["achieved_rate"] >= 0.95 * s["rate"] and s["p99_ms"] is not None and s["p99_ms"] <= 100]
+    at_500 = next((s for s in steps if s["rate"] == 500), None)
+    return {
+        "rooms": rooms,
+        "steps": steps,
+        "max_rate_p99_under_100ms": max((s["rate"] for s in sustained), default=0),
+        "p50_ms_at_500": at_500["p50_ms"] if at_500 else None,
+        "p99_ms_at_500": at_500["p99_ms"] if at_500 else None,
+    }
+
+
+async def _step(kind: TargetKind, pool: HTTPPool, rooms: list[str], rate: int, seconds: float, seq: int,
+                sent: dict[str, int]) -> tuple[dict[str, Any], int]:
+    count = int(rate * seconds)
+    ops: list[str] = []
+    errors: dict[str, int] = {}
+    post_ms: list[float] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(i: int, at_ns: int) -> None:
+        path, body = kind.command(rooms[i % len(rooms)], i)
+        try:
+            status, answer = await pool.post(path, body)
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            return
+        post_ms.append((time.time_ns() - at_ns) / 1e6)
+        if status != 202:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+            return
+        op_id = kind.operation_id(answer)
+        sent[op_id] = at_ns
+        ops.append(op_id)
+
+    t0 = time.monotonic()
+    t0_ns = time.time_ns()
+    posted = 0
+    for i in range(count):
+        due = t0 + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(tasks) > rate * 2:  # more than two seconds behind: the server is not keeping up
+            errors["backlog"] = count - i
+            break
+        task = asyncio.ensure_future(one(seq + i, t0_ns + int(i / rate * 1e9)))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        posted += 1
+    if tasks:
+        await asyncio.wait(tasks, timeout=10)
+    elapsed = time.monotonic() - t0
+    post_ms.sort()
+    return {
+        "rate": rate,
+        "posted": posted,
+        "accepted": len(ops),
+        "achieved_rate": round(len(ops) / elapsed, 1) if elapsed > 0 else 0,
+        "post_p99_ms": round(post_ms[int(len(post_ms) * 0.99) - 1], 2) if post_ms else None,
+        "errors": errors,
+        "ops": ops,
+    }, seq + count
+
+
+def _correlated(subs: list[Subscriber]) -> dict[str, int]:
+    arrivals: dict[str, int] = {}
+    for sub in subs:
+        for message in _messages(sub):
+            env = envelope(message.json())
+            if env is not None and env.get("type") == "ChatMessageDelivered":
+                cid = env.get("correlationid")
+                if cid and cid not in arrivals:
+                    arrivals[cid] = message.arrived_ns
+    return arrivals
+
+
+async def _wait_delivered(subs: list[Subscriber], ops: list[str], *, cap: float) -> None:
+    deadline = time.monotonic() + cap
+    while time.monotonic() < deadline:
+        arrivals = _correlated(subs)
+        if all(op in arrivals for op in ops):
+            return
+        await asyncio.sleep(0.25)
+
+
+def _step_latency(subs: list[Subscriber], ops: list[str], sent: dict[str, int]) -> dict[str, Any]:
+    arrivals = _correlated(subs)
+    latencies = [(arrivals[op] - sent[op]) / 1e6 for op in ops if op in arrivals]
+    return {"delivered": len(latencies), **_rounded(latency_summary(latencies))}
+
+
+# The list of cases ---------------------------------------------------------------------------
+
+def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> list[Case]:
+    """The scenario variants to run, in order."""
+    out: list[Case] = []
+    if "A" in selected:
+        for n in sizes.a_sizes:
+            out.append(Case("A", f"SSE idle x{n}", functools.partial(idle_capacity, n=n, transport="sse",
+                                                                          settle=sizes.settle_seconds)))
+    if "B" in selected:
+        out.append(Case("B", f"fan-out {sizes.b_subscribers} subs x {sizes.b_events} events @ {sizes.b_rate:g}/s",
+                        lambda k, t: fan_out(k, t, n=sizes.b_subscribers, events=sizes.b_events, rate=sizes.b_rate,
+                                             workdir=workdir_of(), quiet=sizes.quiet_seconds)))
+    if "C" in selected:
+        out.append(Case("C", f"1:1 topics x{sizes.c_subscribers} (SSE)",
+                        lambda k, t: many_topics(k, t, n=sizes.c_subscribers, workdir=workdir_of(), transport="sse",
+                                                 concurrency=sizes.publish_concurrency, quiet=sizes.quiet_seconds)))
+    if "D" in selected:
+        out.append(Case("D", f"POST->event, {sizes.d_rooms} room streams, steps {'/'.join(map(str, sizes.d_rates))}/s",
+                        functools.partial(end_to_end, rooms=sizes.d_rooms, rates=sizes.d_rates,
+                                          step_seconds=sizes.d_step_seconds), commands=True))
+    if "E" in selected:
+        for n in sizes.e_sizes:
+            out.append(Case("E", f"WS idle x{n}", functools.partial(idle_capacity, n=n, transport="ws",
+                                                                         settle=sizes.settle_seconds)))
+        out.append(Case("E", f"1:1 topics x{sizes.e_c_subscribers} (WS)",
+                        lambda k, t: many_topics(k, t, n=sizes.e_c_subscribers, workdir=workdir_of(),
+                                                 transport="ws", concurrency=sizes.publish_concurrency,
+                                                 quiet=sizes.quiet_seconds)))
+    return out

@@ -1,0 +1,103 @@
+"""The benchmark harness, run in its tiny mode: it starts real servers, measures, and reports figures.
+
+Nothing here asserts a speed (the issue's targets are measured by ``make bench``, never by a timed
+test); these tests prove the harness itself counts right, so a broken bench cannot report success.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from bench.loadgen import envelope, latency_summary, percentile, sse_messages
+from bench.report import Result, checks, markdown, ratio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.e2e
+@pytest.mark.redis
+def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_path: Path) -> None:
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed (make test installs it)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--tiny", "--targets", "herald,naive", "--scenarios", "A,B,C,D,E",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [orjson.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    rows = [r for r in lines if not r.get("summary")]
+    assert {(r["scenario"], r["target"]) for r in rows} >= {(s, t) for s in "ABCDE" for t in ("herald", "naive")}
+    for row in rows:
+        assert row["error"] is None, row
+        m = row["metrics"]
+        if "kib_per_conn" in m:  # A and the WebSocket A
+            assert m["connected"] == m["subscribers"] == 20 and m["failed"] == 0
+            assert m["kib_per_conn"] is not None and m["rss_after_mib"] > 0
+        elif row["scenario"] == "D":
+            [step] = m["steps"]
+            assert step["posted"] == step["accepted"] == step["delivered"] == 20, step
+            assert step["p99_ms"] is not None and step["p99_ms"] > 0
+        else:  # B, C and the WebSocket C: every tick arrives once, in order, with a latency
+            assert m["expected"] == m["delivered"] > 0, m
+            assert m["lost"] == m["duplicated"] == 0
+            assert m.get("out_of_order", 0) == 0
+            assert 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"]
+    b = next(r for r in rows if r["scenario"] == "B" and r["target"] == "herald")["metrics"]
+    assert b["expected"] == 20 * 20 and b["publish_rate"] > 40
+    [summary] = [r for r in lines if r.get("summary")]
+    assert summary["mode"] == "tiny" and {c["scenario"] for c in summary["checks"]} == {"A", "B", "C", "D"}
+    table = (tmp_path / "latest-tiny.md").read_text()
+    assert "| scenario | metric | herald | naive | herald/naive |" in table
+    assert "| A: SSE idle x20 | connected | 20 | 20 | 1.00x |" in table
+
+
+def test_sse_parser_follows_chunked_encoding_split_anywhere_and_stamps_the_last_byte() -> None:
+    body = b"retry: 2000\n\n:\n\nid: 1-0\nevent: bench.tick\ndata: {\"a\":1}\n\nid: 1-1\ndata: {\"a\":2}\n\n"
+    raw = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+           + b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:20], body[20:47], body[47:])))
+    pieces = [(t, raw[i:i + 7]) for t, i in enumerate(range(0, len(raw), 7))]
+    status, messages = sse_messages(pieces)
+    assert status == 200
+    assert [(m.id, m.event, m.json()) for m in messages] == [
+        ("1-0", "bench.tick", {"a": 1}),
+        ("1-1", "message", {"a": 2}),
+    ]
+    end_of_first = raw.index(b'{"a":1}') + len(b'{"a":1}\n\n')
+    assert messages[0].arrived_ns == (end_of_first - 1) // 7
+
+
+def test_envelope_is_found_in_sse_data_and_in_herald_websocket_frames() -> None:
+    event = {"specversion": "1.0", "type": "bench.tick", "data": {"seq": 3}}
+    assert envelope(event) == event
+    assert envelope({"type": "event", "topic": "t", "cursor": "1-0", "event": event}) == event
+    assert envelope({"type": "subscribed", "topic": "t"}) is None
+
+
+def test_percentiles_use_nearest_rank() -> None:
+    values = sorted(float(v) for v in range(1, 101))
+    assert percentile(values, 50) == 50 and percentile(values, 99) == 99 and percentile([], 50) is None
+    assert latency_summary([3.0, 1.0, 2.0]) == {"p50_ms": 2.0, "p99_ms": 3.0, "max_ms": 3.0}
+
+
+def test_ratios_and_targets_are_judged_on_the_measured_figures() -> None:
+    assert ratio(4.0, 16.0) == 0.25 and ratio(1, 0) is None and ratio(None, 3) is None
+    def a(target: str, kib: float, connected: int = 10000) -> Result:
+        return Result("A", "SSE idle x10000", target, {"connected": connected, "failed": 10000 - connected,
+                                                      "kib_per_conn": kib, "subscribers": 10000})
+    [check] = [c for c in checks([a("herald", 12.0), a("naive", 60.0)], True) if c.scenario == "A"]
+    assert check.met is True
+    [check] = [c for c in checks([a("herald", 20.0), a("naive", 60.0)], True) if c.scenario == "A"]
+    assert check.met is False  # over 16 KiB per connection
+    [check] = [c for c in checks([a("herald", 12.0, 9990), a("naive", 60.0)], True) if c.scenario == "A"]
+    assert check.met is False  # not all connected
+    meta = {"mode": "full", "started": "now", "command": "make bench", "commit": "x", "machine": "m", "seconds": 1.0,
+            "targets": {"herald": "h", "naive": "n"}}
+    table = markdown([a("herald", 12.0), a("naive", 60.0)], meta, ["herald", "naive"])
+    assert "| A | 10,000 SSE all connected" in table
