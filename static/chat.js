@@ -119,10 +119,11 @@ function upsertMessage(message) {
               sentAt: message.sent_at, readBy: new Set(), status: "delivered", node: null };
     entries.set(message.id, entry);
   }
+  const before = `${entry.id}|${entry.status}|${entry.readBy.size}`;
   entry.id = message.id;
   if (entry.status !== "failed") entry.status = "delivered";
   for (const reader of message.read_by || []) entry.readBy.add(reader);
-  render(entry);
+  if (!entry.node || before !== `${entry.id}|${entry.status}|${entry.readBy.size}`) render(entry);
   markSeen();
 }
 
@@ -275,6 +276,7 @@ async function join(name, roomName) {
   $("join").hidden = true;
   $("chat").hidden = false;
   textarea.focus();
+  showConnection("connecting");
 
   const info = await retrying(() => herald.getJSON(`/chats/${encodeURIComponent(room)}`));
   const recent = await retrying(() => loadRecent(info.messages_url));
@@ -313,7 +315,7 @@ function showConnection(state) {
 // Wiring ------------------------------------------------------------------------------
 
 function updateCount() {
-  const length = textarea.value.length;
+  const length = [...textarea.value].length; // code points, as the server counts them
   const count = $("count");
   count.textContent = length > MAX_TEXT * 0.9 ? `${length}/${MAX_TEXT}` : "";
   count.classList.toggle("over", length > MAX_TEXT);

@@ -313,7 +313,6 @@ export class Herald {
     const first = (...names) => names.find((n) => states.includes(n));
     this.state.set(first("offline", "reconnecting", "connecting", "failed") || states[0] || "closed");
   }
-
 }
 
 /**
@@ -355,7 +354,8 @@ export class Stream {
     this.options = options;
     this.urls = { url: options.url, websocketUrl: options.websocketUrl };
     this.transports = client.transports.filter((t) => this.#available(t));
-    this.index = Math.max(0, Math.min(this.transports.findIndex((t) => !client.blocked.has(t)), this.transports.length - 1));
+    const unblocked = this.transports.findIndex((t) => !client.blocked.has(t));
+    this.index = unblocked === -1 ? this.transports.length - 1 : unblocked;
     this.worked = new Set();
     this.listeners = new Map();
     this.teardown = null;
