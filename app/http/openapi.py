@@ -15,6 +15,10 @@ def _problem(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/problem+json": {"schema": _PROBLEM}}}
 
 
+_OPERATION_ID = {"type": "string", "pattern": "^op_[A-Za-z0-9_-]{1,61}$"}
+_HEADER = {"schema": {"type": "string"}}
+
+
 def _path_params(path: str) -> list[dict[str, Any]]:
     names = [part[1:-1] for part in path.split("/") if part.startswith("{")]
     return [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in names]
@@ -27,7 +31,8 @@ def _command_op(command: Command) -> dict[str, Any]:
         "operationId": f"post_{command.event_type}",
         "parameters": [
             *_path_params(command.path),
-            {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}},
+            {"name": "Idempotency-Key", "in": "header", "required": False,
+             "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"}},
             {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"}},
         ],
         "requestBody": {
@@ -35,7 +40,9 @@ def _command_op(command: Command) -> dict[str, Any]:
             "content": {"application/json": {"schema": command.body_schema or {"type": "object"}}},
         },
         "responses": {
-            "202": {"description": "Accepted: follow the operation", "content": op_body},
+            "202": {"description": "Accepted: follow the operation", "content": op_body,
+                    "headers": {"Location": {**_HEADER, "required": True},
+                                "Retry-After": {**_HEADER, "required": True}}},
             "200": {"description": "Finished within Prefer: wait", "content": op_body},
             "400": _problem("Malformed JSON or header"),
             "401": _problem("Missing or invalid bearer token"),
@@ -54,7 +61,7 @@ def build_openapi(commands: list[Command]) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for command in commands:
         paths.setdefault(command.path, {})["post"] = _command_op(command)
-    op_param = [{"name": "operation_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    op_param = [{"name": "operation_id", "in": "path", "required": True, "schema": _OPERATION_ID}]
     stream = {"text/event-stream": {"schema": {"type": "string"}}}
     paths["/operations/{operation_id}"] = {
         "get": {
@@ -67,10 +74,12 @@ def build_openapi(commands: list[Command]) -> dict[str, Any]:
             ],
             "responses": {
                 "200": {"description": "The operation", "content": {"application/json": {"schema": _OPERATION}}},
-                "303": {"description": "Succeeded: see the created resource"},
+                "303": {"description": "Succeeded: see the created resource",
+                        "headers": {"Location": {**_HEADER, "required": True}}},
                 "304": {"description": "Not modified (If-None-Match)"},
                 "400": _problem("Bad query"),
-                "404": _problem("Unknown or expired"),
+                "401": _problem("Missing or invalid bearer token (when authentication is on)"),
+                "404": _problem("Unknown, expired, or another subject's"),
                 "503": _problem("Broker unavailable"),
             },
         },
@@ -80,7 +89,8 @@ def build_openapi(commands: list[Command]) -> dict[str, Any]:
             "parameters": op_param,
             "responses": {
                 "202": {"description": "Cancel requested", "content": {"application/json": {"schema": _OPERATION}}},
-                "404": _problem("Unknown or expired"),
+                "401": _problem("Missing or invalid bearer token (when authentication is on)"),
+                "404": _problem("Unknown, expired, or another subject's"),
                 "409": _problem("Already ended"),
                 "503": _problem("Broker unavailable"),
             },
@@ -132,6 +142,7 @@ def build_openapi(commands: list[Command]) -> dict[str, Any]:
         "summary": "A room's URLs and subscribe token", "operationId": "get_room",
         "parameters": _path_params("/chats/{room}"),
         "responses": {"200": {"description": "The room", "content": _JSON_OBJECT},
+                      "401": _problem("Missing or invalid bearer token (when authentication is on)"),
                       "404": _problem("Invalid room name")},
     }}
     paths["/chats/{room}/messages"]["get"] = {
@@ -141,20 +152,53 @@ def build_openapi(commands: list[Command]) -> dict[str, Any]:
                         "schema": {"type": "integer", "minimum": 1, "maximum": 500}}],
         "responses": {"200": {"description": "Messages", "content": _JSON_OBJECT},
                       "400": _problem("Bad limit"), "404": _problem("Invalid room name"),
+                      "401": _problem("Missing or invalid bearer token (when authentication is on)"),
                       "503": _problem("Broker unavailable")},
     }
     paths["/chats/{room}/messages/{message_id}"] = {"get": {
         "summary": "One message", "operationId": "get_message",
         "parameters": _path_params("/chats/{room}/messages/{message_id}"),
         "responses": {"200": {"description": "The message", "content": _JSON_OBJECT},
+                      "401": _problem("Missing or invalid bearer token (when authentication is on)"),
                       "404": _problem("No such message"), "503": _problem("Broker unavailable")},
     }}
+    paths["/metrics"] = {"get": {
+        "summary": "Prometheus metrics of this process", "operationId": "metrics",
+        "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {
+            "type": "string"}}}}},
+    }}
+    paths["/session/cookie"] = {
+        "post": {
+            "summary": "Keep a subscribe token as the HttpOnly cookie herald_token (for EventSource)",
+            "operationId": "set_token_cookie",
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["token"], "additionalProperties": False,
+                "properties": {"token": {"type": "string"}}}}}},
+            "responses": {
+                "200": {"description": "Cookie set; the topics it opens", "content": _JSON_OBJECT,
+                        "headers": {"Set-Cookie": {**_HEADER, "required": True}}},
+                "400": _problem("Malformed JSON"),
+                "401": _problem("Forged or expired token"),
+                "403": _problem("Token issued to another subject"),
+                "413": _problem("Body too large"),
+                "415": _problem("Not JSON"),
+                "422": _problem("Not {token}"),
+            },
+        },
+        "delete": {
+            "summary": "Clear the herald_token cookie", "operationId": "clear_token_cookie",
+            "responses": {"204": {"description": "Cleared"}},
+        },
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "Herald", "version": "0.1.0",
                  "description": "Real-time push gateway for asynchronous operations."},
         "paths": paths,
-        "components": {"schemas": {
+        # bearer JWTs are optional: required only when HERALD_JWT_SECRET or HERALD_JWT_PUBLIC_KEY is set
+        "security": [{}, {"bearer": []}],
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+                       "schemas": {
             "Problem": {
                 "type": "object",
                 "required": ["type", "title", "status"],
