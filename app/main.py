@@ -81,7 +81,7 @@ def drain_on_exit_signals(gateway: Gateway) -> Iterator[None]:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         gateway.accepting = False
         loop.call_soon_threadsafe(gateway.hub.shutdown)
-        chained = previous[signum]
+        chained = previous[signal.Signals(signum)]
         if callable(chained):
             chained(signum, frame)
         elif chained == signal.SIG_DFL:
