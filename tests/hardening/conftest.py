@@ -23,15 +23,23 @@ def bearer(subject: str, *, secret: str = JWT_SECRET, ttl: int = 300, **claims: 
     return {"Authorization": f"Bearer {token}"}
 
 
-class AccessLoggedServer(HeraldServer):
-    """A :class:`HeraldServer` whose uvicorn access log is on, to check what it writes."""
+class FlaggedServer(HeraldServer):
+    """A :class:`HeraldServer` started with other uvicorn flags: its access log on, or extra options."""
+
+    def __init__(self, env: Mapping[str, str] | None = None, *, access_log: bool = False,
+                 uvicorn_args: tuple[str, ...] = ()) -> None:
+        super().__init__(env)
+        self.access_log = access_log
+        self.uvicorn_args = uvicorn_args
 
     def start(self) -> HeraldServer:
-        """Start with uvicorn's access log enabled (the shared helper always passes ``--no-access-log``)."""
+        """Start with the flags (the shared helper's command line is fixed, so it is edited on the way)."""
         original = subprocess.Popen
 
         def popen(command: list[str], *args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
-            return original([c for c in command if c != "--no-access-log"], *args, **kwargs)
+            if self.access_log:
+                command = [c for c in command if c != "--no-access-log"]
+            return original([*command, *self.uvicorn_args], *args, **kwargs)
 
         with mock.patch.object(subprocess, "Popen", popen):
             return super().start()
@@ -42,8 +50,9 @@ def herald() -> Iterator[Callable[..., HeraldServer]]:
     """Start Herald subprocesses with the given environment; all are stopped after the test."""
     started: list[HeraldServer] = []
 
-    def start(env: Mapping[str, str] | None = None, *, access_log: bool = False) -> HeraldServer:
-        server = (AccessLoggedServer if access_log else HeraldServer)(env)
+    def start(env: Mapping[str, str] | None = None, *, access_log: bool = False,
+              uvicorn_args: tuple[str, ...] = ()) -> HeraldServer:
+        server = FlaggedServer(env, access_log=access_log, uvicorn_args=uvicorn_args)
         started.append(server)
         return server.start()
 
