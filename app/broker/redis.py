@@ -226,6 +226,8 @@ class RedisBroker(Broker):
         socket_timeout: float = 5.0,
         ping_timeout: float = 1.0,
         health_interval: float = 5.0,
+        # Limits
+        max_connections: int = 64,
     ) -> None:
         super().__init__()
         if history_size < 1:
@@ -239,13 +241,19 @@ class RedisBroker(Broker):
         self._health_interval = health_interval
         # consume() blocks in slices this long, so reclaimed and released work is seen between them
         self._poll = min(1.0, max(0.05, visibility_timeout / 4))
-        self._redis = aioredis.from_url(
+        # A blocking pool: a burst of calls (thousands of clients subscribing at once) waits for one of
+        # max_connections connections. redis-py's default pool refuses call 101 with "Too many connections",
+        # which turned into 503s for SSE clients under load (found by the benchmark, scenario A).
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=socket_timeout,  # waiting longer than this for a connection means Redis is not keeping up
             protocol=2,  # the replies parsed here (pub/sub arrays, script tables) are RESP2's
             socket_connect_timeout=connect_timeout,
             socket_timeout=socket_timeout,  # above the longest BLOCK slice (<= 1 s)
             retry=Retry(NoBackoff(), 0),
         )
+        self._redis = aioredis.Redis.from_pool(pool)
         self._accept_script = self._redis.register_script(_ACCEPT_LUA)
         self._update_script = self._redis.register_script(_UPDATE_LUA)
         self._publish_script = self._redis.register_script(_PUBLISH_LUA)
