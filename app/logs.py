@@ -47,11 +47,12 @@ class RedactTokens(logging.Filter):
         args = record.args
         if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
             client, method, path, version, status = args
+            safe_path = redact(str(path))
             record.client = client
             record.method = method
-            record.path = redact(str(path))
+            record.path = safe_path
             record.status = status
-            record.args = (client, method, record.path, version, status)
+            record.args = (client, method, safe_path, version, status)
             return True
         message = record.getMessage()
         if "oken=" in message or "earer" in message or "EARER" in message:

@@ -92,7 +92,7 @@ class BearerVerifier:
             # the algorithm picks the key; an algorithm with no configured key (or "none") is refused
             algorithm = jwt.get_unverified_header(token).get("alg")
             key = self._keys.get(algorithm) if isinstance(algorithm, str) else None
-            if key is None:
+            if key is None or not isinstance(algorithm, str):
                 raise BearerError(f"bearer tokens must be signed with one of {sorted(self._keys)}")
             claims = jwt.decode(
                 token, key, algorithms=[algorithm], audience=self.audience, issuer=self.issuer, leeway=_LEEWAY,
