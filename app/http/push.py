@@ -245,7 +245,18 @@ async def operation_events(request: Request) -> Response:
         raise HTTPProblem(404, f"no operation {op_id!r} (unknown or expired)", kind="operation-not-found")
     if not _owner_allows(op, grant, request.scope.get("herald.subject")):
         raise HTTPProblem(403, "this operation belongs to someone else", kind="forbidden-topic")
-    return EventStream(gateway, [topic], _cursors_for(request, [topic]), end_on_terminal=True)
+    cursors = _cursors_for(request, [topic])
+    if op.status.terminal and cursors[0] is not None:
+        try:
+            rest = await gateway.broker.read(topic, cursors[0], limit=1)
+        except BrokerError as exc:
+            raise HTTPProblem(503, "the broker is unreachable", kind="broker-unavailable",
+                              headers={"Retry-After": "2"}) from exc
+        if not rest.events:
+            # Resumed after the terminal event: nothing more will ever come. 204 is what tells an
+            # EventSource to stop reconnecting; a 200 would hold it open, idle, forever.
+            return Response(status_code=204)
+    return EventStream(gateway, [topic], cursors, end_on_terminal=True)
 
 
 async def topic_events(request: Request) -> Response:

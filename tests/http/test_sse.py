@@ -85,6 +85,22 @@ async def test_operation_stream_resumes_right_after_last_event_id(live: LiveHera
     assert [(b.id, b.event) for b in rest] == [(b.id, b.event) for b in everything[1:]]
 
 
+async def test_resuming_after_the_terminal_event_is_204_so_eventsource_stops(live: LiveHerald) -> None:
+    posted = (await live.send(headers={"Prefer": "wait=5"})).json()
+    async with sse_connect(live.client, posted["subscribe_url"]) as stream:
+        everything = [b for b in await stream.until_end() if b.is_message]
+    terminal = everything[-1].id
+    assert terminal is not None
+    response = await live.client.get(posted["subscribe_url"], headers={"Last-Event-ID": terminal})
+    assert response.status_code == 204
+    assert response.content == b""
+    # a cursor before the end still gets the rest, and then the end
+    async with sse_connect(live.client, posted["subscribe_url"], headers={"Last-Event-ID": everything[1].id or ""}
+                           ) as stream:
+        rest = [b for b in await stream.until_end() if b.is_message]
+    assert [b.id for b in rest] == [terminal]
+
+
 async def test_the_same_stream_through_the_topic_endpoint_also_ends_on_the_terminal_event(live: LiveHerald) -> None:
     posted = (await live.send(headers={"Prefer": "wait=5"})).json()
     token = posted["subscribe_url"].split("token=")[1]
