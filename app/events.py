@@ -245,10 +245,16 @@ def event_from_dict(doc: Any, *, encoded: bytes | None = None) -> Event:
 
 
 def decode_event(raw: bytes | str) -> Event:
-    """Parse JSON bytes into a validated :class:`Event`, keeping the bytes as its encoding."""
+    """Parse JSON bytes into a validated :class:`Event`, keeping the bytes as its encoding.
+
+    Bytes with a line break (JSON pretty-printed by some other producer) are not kept: an
+    SSE ``data:`` line cannot hold one, so such an event is encoded afresh, compactly.
+    """
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise EventError(f"not valid JSON: {exc}") from exc
     encoded = raw.encode() if isinstance(raw, str) else bytes(raw)
+    if b"\n" in encoded or b"\r" in encoded:
+        encoded = None
     return event_from_dict(doc, encoded=encoded)

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from app.events import SPECVERSION, Event, EventError, build_event, decode_event, event_from_dict, new_event_id, now_iso
+from app.protocol import Frame
 
 
 def envelope(**overrides: Any) -> dict[str, Any]:
@@ -121,6 +122,14 @@ def test_decode_keeps_the_original_bytes_as_the_encoding() -> None:
     assert event.correlationid == "op_1"
     assert event.causationid == "e0"
     assert event.data == {"text": "hi"}
+
+
+def test_decode_of_pretty_printed_json_encodes_afresh_on_one_line() -> None:
+    raw = orjson.dumps(envelope(), option=orjson.OPT_INDENT_2)
+    event = decode_event(raw.replace(b"\n", b"\r\n"))
+    assert b"\n" not in event.encoded and b"\r" not in event.encoded
+    assert orjson.loads(event.encoded) == orjson.loads(raw)
+    assert Frame("t", "1-0", event.type, event.encoded).sse.count(b"\n") == 4  # id, event, data, blank line
 
 
 def test_decode_accepts_str_and_round_trips() -> None:
