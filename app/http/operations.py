@@ -58,6 +58,18 @@ def parse_wait(raw: str | None, max_wait: float) -> float:
     return min(value, max_wait)
 
 
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` value names ``etag`` (RFC 9110: a list, weak comparison, ``*``).
+
+    Weak comparison matters: a proxy that compresses (nginx with gzip) turns the ETag into
+    ``W/"..."``, and a long poll whose ETag never matched would answer at once, in a loop.
+    """
+    if if_none_match is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag.removeprefix("W/") in tags
+
+
 async def get_operation(request: Request) -> Response:
     """The operation's status document (or a 303 to what it created); ``?wait=N`` long-polls."""
     gateway = Gateway.of(request)
@@ -68,12 +80,12 @@ async def get_operation(request: Request) -> Response:
     wait = parse_wait(request.query_params.get("wait"), gateway.settings.max_wait)
     if wait > 0 and not op.status.terminal:
         if_none = request.headers.get("if-none-match")
-        if if_none is None or if_none == op.etag:
+        if if_none is None or etag_matches(if_none, op.etag):
             op = await wait_for_change(gateway, op, wait, until_terminal=False)
     headers = {"ETag": op.etag, "Cache-Control": "no-cache"}
     if not op.status.terminal:
         headers["Retry-After"] = RETRY_AFTER
-    if request.headers.get("if-none-match") == op.etag:
+    if etag_matches(request.headers.get("if-none-match"), op.etag):
         return Response(status_code=304, headers=headers)
     body = gateway.operation_body(request, op, subject=request.scope.get("herald.subject"))
     if view is None and op.location and op.status.value == "succeeded":

@@ -54,6 +54,23 @@ async def test_if_none_match_gets_304_until_the_operation_changes(idle_herald: H
     assert changed.headers["etag"] != etag
 
 
+@pytest.mark.parametrize("form", ["{etag}", "W/{etag}", '"other.1", {etag}', '"other.1",W/{etag}', "*"])
+async def test_if_none_match_takes_lists_weak_tags_and_star(idle_herald: Herald, form: str) -> None:
+    op_id = await pending_operation(idle_herald)
+    etag = (await idle_herald.client.get(f"/operations/{op_id}")).headers["etag"]
+    header = form.format(etag=etag)
+    assert (await idle_herald.client.get(f"/operations/{op_id}", headers={"If-None-Match": header})).status_code == 304
+    if form == "*":
+        return  # "*" matches whatever the operation becomes
+    # and a long poll with it waits for a change instead of answering at once
+    poll = asyncio.ensure_future(idle_herald.client.get(f"/operations/{op_id}", params={"wait": "20"},
+                                                        headers={"If-None-Match": header}))
+    await asyncio.sleep(0.1)
+    assert not poll.done()
+    await idle_herald.broker.transition(op_id, Status.RUNNING)
+    assert (await asyncio.wait_for(poll, 5)).json()["status"] == "running"
+
+
 async def test_a_stale_if_none_match_gets_the_document(idle_herald: Herald) -> None:
     op_id = await pending_operation(idle_herald)
     response = await idle_herald.client.get(f"/operations/{op_id}", headers={"If-None-Match": '"other.1"'})
