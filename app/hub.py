@@ -11,6 +11,10 @@ is told to close with ``slow-consumer`` as the reason, and if the transport does
 to write that within the grace period its task is cancelled. The client reconnects with its
 cursor and loses nothing still in the topic's history.
 
+When the broker lost live frames of a topic beyond what its history still holds (a fan-out
+connection down for longer than the history lasts), it tells the hub, and every local
+subscriber of that topic gets a :class:`Gap` in its queue ahead of the frames still kept.
+
 Resume without gaps or repeats: a subscriber joins the live fan-out *before* the history
 is read, holds live frames for that topic while the history is replayed, and then lets
 through only frames with a cursor beyond the last one it already has. The history replayed
@@ -26,14 +30,24 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from app.broker.base import Broker, HistoryPage
-from app.protocol import Cursor, Frame, parse_cursor
+from app.protocol import Cursor, Frame, format_cursor, parse_cursor
 
 log = logging.getLogger("herald.hub")
 
 HEARTBEAT = object()
 """Marker in a batch: time to send a heartbeat."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """In a batch: events of ``topic`` after ``cursor`` were lost; ``oldest`` is the oldest still kept."""
+
+    topic: str
+    cursor: str | None
+    oldest: str | None
 
 
 class Subscriber:
@@ -58,7 +72,7 @@ class Subscriber:
     def __init__(self, max_queue: int, transport: str = "sse") -> None:
         self.max_queue = max_queue
         self.transport = transport
-        self.queue: deque[Frame | str] = deque()
+        self.queue: deque[Frame | Gap | str] = deque()
         self.positions: dict[str, Cursor | None] = {}
         self._held: dict[str, list[Frame]] | None = None
         self._backlog = 0  # replayed history frames in the queue, which do not count against max_queue
@@ -94,6 +108,14 @@ class Subscriber:
         self.queue.append(frame)
         if backlog:
             self._backlog += 1
+        self._wake()
+
+    def gap(self, topic: str, oldest: str | None) -> None:
+        """Queue a :class:`Gap` notice for ``topic`` (outside the queue bound, like a control message)."""
+        if self.closed or (self._held is not None and topic in self._held):
+            return  # a topic being replayed: the subscriber's own history read reports any truncation
+        last = self.positions.get(topic)
+        self.queue.append(Gap(topic, format_cursor(last) if last is not None else None, oldest))
         self._wake()
 
     def control(self, message: str) -> None:
@@ -188,6 +210,7 @@ class Hub:
         self.frames_dropped = 0
         self.slow_disconnects = 0
         broker.set_sink(self.dispatch)
+        broker.set_gap_sink(self.gap)
 
     @property
     def connections(self) -> int:
@@ -222,6 +245,11 @@ class Hub:
         """Ask every subscriber to close with ``reason`` (they may reconnect elsewhere)."""
         for sub in list(self._subscribers):
             sub.close(reason)
+
+    def gap(self, topic: str, oldest: str | None) -> None:
+        """Tell every local subscriber of ``topic`` that live events were lost beyond its history."""
+        for sub in self._topics.get(topic, ()):
+            sub.gap(topic, oldest)
 
     def dispatch(self, frame: Frame) -> None:
         """Hand a live frame to every local subscriber of its topic."""

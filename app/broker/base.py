@@ -96,6 +96,9 @@ class Accepted:
 FrameSink = Callable[[Frame], None]
 """Where a broker hands live frames of the topics this process listens to (the hub)."""
 
+GapSink = Callable[[str, str | None], None]
+"""Told ``(topic, oldest kept cursor)`` when live frames of a topic were lost beyond its history (the hub)."""
+
 
 class Broker(ABC):
     """What the gateway, the hub and the workers need from a broker."""
@@ -104,6 +107,7 @@ class Broker(ABC):
 
     def __init__(self) -> None:
         self._sink: FrameSink | None = None
+        self._gap_sink: GapSink | None = None
         self.errors = 0
         """Calls that failed because the backing store was unreachable (implementations count them)."""
         self.reconnects = 0
@@ -113,9 +117,18 @@ class Broker(ABC):
         """Register the single receiver of live frames (the process's hub)."""
         self._sink = sink
 
+    def set_gap_sink(self, sink: GapSink) -> None:
+        """Register who is told when the live fan-out of a topic lost more than its history can fill."""
+        self._gap_sink = sink
+
     def _deliver(self, frame: Frame) -> None:
         if self._sink is not None:
             self._sink(frame)
+
+    def _gap(self, topic: str, oldest: str | None) -> None:
+        # Called before the frames still kept are handed over, so a client hears of the gap first.
+        if self._gap_sink is not None:
+            self._gap_sink(topic, oldest)
 
     # Lifecycle -------------------------------------------------------------------------
     @abstractmethod

@@ -36,12 +36,14 @@ the entry as idle for a year, so the next XAUTOCLAIM anywhere takes it.
 
 Reconnection: the reader task retries with a backoff of 0.1 s to 2 s; on reconnect it
 subscribes every wanted topic again, waits for the confirmations, then reads each topic's
-history after the last cursor it delivered (or the topic's head when it was subscribed, if it
-delivered nothing yet) and hands those frames over before any live one, dropping duplicates
-by cursor (a gap longer than the history is logged: a sink has no way to be told). An idle
-pub/sub connection is PINGed every ``health_interval``; no answer means reconnect. Every
-other call fails fast with :class:`BrokerUnavailable`: no client retries,
-because replaying a write whose reply was lost could queue a command twice.
+history after the last cursor it delivered (or the topic's head when it was subscribed, ``0-0``
+if it was empty then, when it delivered nothing yet) and hands those frames over before any
+live one, dropping duplicates by cursor. A gap longer than the history is logged and reported
+to the gap sink first (the hub tells the topic's clients: SSE ``herald.gap``, WebSocket
+``gap``), then what is still kept follows. An idle pub/sub connection is PINGed every
+``health_interval``; no answer means reconnect. Every other call fails fast with
+:class:`BrokerUnavailable`: no client retries, because replaying a write whose reply was
+lost could queue a command twice.
 
 ``accept`` is the one script that touches keys of several slots; on a Cluster it would
 need the idempotency key and the request queue tagged with the operation's slot.
@@ -543,8 +545,9 @@ class RedisBroker(Broker):
         except (TimeoutError, BrokerUnavailable) as exc:
             await self.unsubscribe(topic)
             raise BrokerUnavailable(f"could not subscribe to {topic}") from exc
-        if head is not None and topic not in self._delivered:
-            self._floor[topic] = parse_cursor(head)
+        if topic not in self._delivered:
+            # an empty topic's floor is 0-0: what it gets while the connection is down is all new
+            self._floor[topic] = parse_cursor(head) if head is not None else (0, 0)
 
     async def unsubscribe(self, topic: str) -> None:
         """Forget the topic at once; UNSUBSCRIBE if connected (a reconnect leaves it out anyway)."""
@@ -618,6 +621,7 @@ class RedisBroker(Broker):
             page = await self.read(topic, format_cursor(start), limit=self.history_size + 1)
             if page.truncated:
                 log.warning("events of %s were dropped from the history during the outage", topic)
+                self._gap(topic, page.oldest)
             for stored in page.events:
                 self._hand(Frame.from_event(topic, stored.cursor, stored.event))
         for reply in early:

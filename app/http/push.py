@@ -24,7 +24,7 @@ from app.broker.base import BrokerError, HistoryPage
 from app.http.commands import parse_prefer, submit
 from app.http.gateway import Gateway
 from app.http.problems import HTTPProblem, problem_response
-from app.hub import HEARTBEAT, Subscriber
+from app.hub import HEARTBEAT, Gap, Subscriber
 from app.operations import Operation, operation_topic
 from app.protocol import (
     SSE_HEADERS,
@@ -53,6 +53,12 @@ RECONNECT_REASONS = {
     "slow-consumer": "fell behind; reconnect with your cursor and nothing is lost",
     "shutdown": "this gateway process is stopping; reconnect (to another) with your cursor",
 }
+GAP_DETAIL = "events after your cursor are no longer kept; some were missed"
+
+
+def _gap_fields(gap: Gap) -> dict[str, str | None]:
+    """The body of an SSE ``herald.gap`` / WebSocket ``gap`` message for events lost while following."""
+    return {"topic": gap.topic, "cursor": gap.cursor, "oldest": gap.oldest, "detail": GAP_DETAIL}
 
 
 def _token(conn: HTTPConnection) -> str | None:
@@ -128,7 +134,7 @@ class EventStream(Response):
                     if page is not None and page.truncated:
                         preamble.append(sse_control("herald.gap", {
                             "topic": topic, "cursor": self.cursors[i], "oldest": page.oldest,
-                            "detail": "events after your cursor are no longer kept; some were missed",
+                            "detail": GAP_DETAIL,
                         }))
 
                 await hub.follow(sub, topic, self.cursors[i], from_start=from_start, announce=announce)
@@ -171,6 +177,9 @@ class EventStream(Response):
             for item in batch:
                 if item is HEARTBEAT:
                     parts.append(SSE_HEARTBEAT)
+                    continue
+                if isinstance(item, Gap):
+                    parts.append(sse_control("herald.gap", _gap_fields(item)))
                     continue
                 assert isinstance(item, Frame)
                 if vector:
@@ -320,6 +329,9 @@ class SocketSession:
             for item in batch:
                 if item is HEARTBEAT:
                     continue  # the WebSocket layer's own pings keep the connection alive
+                if isinstance(item, Gap):
+                    await send(ws_message("gap", **_gap_fields(item)))
+                    continue
                 await send(item.ws if isinstance(item, Frame) else item)  # type: ignore[arg-type]
 
     def _fail(self, code: int, reason: str) -> None:
@@ -401,8 +413,7 @@ class SocketSession:
         def announce(start: str | None, page: HistoryPage | None) -> None:
             self.sub.control(ws_message("subscribed", topic=topic, cursor=start, id=ref))
             if page is not None and page.truncated:
-                self.sub.control(ws_message("gap", topic=topic, cursor=cursor, oldest=page.oldest,
-                                            detail="events after your cursor are no longer kept; some were missed"))
+                self.sub.control(ws_message("gap", topic=topic, cursor=cursor, oldest=page.oldest, detail=GAP_DETAIL))
 
         try:
             await gateway.hub.follow(self.sub, topic, cursor, from_start=topic.startswith("operations/"),

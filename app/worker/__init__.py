@@ -74,7 +74,9 @@ class Context:
         """The request event's payload."""
         return self.event.data
 
-    async def emit(self, type: str, data: Any = None, *, topics: Iterable[str] = (), subject: str | None = None) -> Event:
+    async def emit(
+        self, type: str, data: Any = None, *, topics: Iterable[str] = (), subject: str | None = None
+    ) -> Event:
         """Publish a response event on the operation's topic and on each of ``topics``."""
         event = build_event(
             type,
@@ -98,7 +100,9 @@ class Context:
         """End the operation as ``succeeded``; ``location`` is the created resource, for the 303."""
         return await self._finish(Status.SUCCEEDED, result=result, location=location)
 
-    async def fail(self, title: str, detail: str | None = None, *, status: int = 422, type: str = "about:blank") -> Operation:
+    async def fail(
+        self, title: str, detail: str | None = None, *, status: int = 422, type: str = "about:blank"
+    ) -> Operation:
         """End the operation as ``failed`` with an RFC 9457 problem."""
         return await self._finish(Status.FAILED, error=problem(type, title, status, detail))
 
@@ -167,11 +171,16 @@ class Worker:
                     continue
                 try:
                     deliveries = await self.broker.consume(types, self.name, count=free, block=self.poll)
-                except BrokerError:
-                    log.warning("broker unavailable; retrying", exc_info=True)
+                except BrokerError as exc:
+                    # one line per retry, not a traceback: an outage is expected, its cause is in the message
+                    log.warning("broker unavailable (%s); retrying", exc)
                     await asyncio.sleep(min(self.poll, 1.0))
                     continue
                 for delivery in deliveries:
+                    if self._stopping.is_set():
+                        # stopped while this consume waited: give the job straight back for another worker
+                        await self._settle(self.broker.release, delivery)
+                        continue
                     task = asyncio.create_task(self._handle(delivery))
                     self._inflight[task] = delivery
                     task.add_done_callback(self._inflight.pop)
@@ -265,7 +274,8 @@ class Worker:
             log.exception("handler for %s failed", event.type, extra={"correlation_id": op_id})
             await self._fail_quietly(
                 ctx,
-                problem(PROBLEM_BASE + "handler-error", "The worker's handler failed", 500, f"{type(exc).__name__}: {exc}"),
+                problem(PROBLEM_BASE + "handler-error", "The worker's handler failed", 500,
+                        f"{type(exc).__name__}: {exc}"),
             )
         self.handled += 1
         return "ack"
@@ -283,3 +293,5 @@ class WorkerSettings:
     handlers: Mapping[str, Handler] = {}
     concurrency: int | None = None
     max_attempts: int | None = None
+    shutdown_grace: float | None = None
+    """Seconds current jobs get to finish after SIGTERM before they are given back (default 10)."""

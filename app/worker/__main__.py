@@ -22,6 +22,8 @@ from app.settings import Settings
 from app.worker import Worker, WorkerSettings
 
 DEFAULT_SETTINGS = "app.chat.worker:WorkerSettings"
+DEFAULT_GRACE = 10.0
+"""Seconds current jobs get after SIGTERM when the settings class names no ``shutdown_grace``."""
 
 
 def load_settings(path: str) -> type[WorkerSettings]:
@@ -37,13 +39,15 @@ async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.worker", description=__doc__.splitlines()[0])
     parser.add_argument("settings", nargs="?", default=DEFAULT_SETTINGS, help="module:Class (default: %(default)s)")
     parser.add_argument("--burst", action="store_true", help="exit when no work is left")
-    parser.add_argument("--concurrency", type=int, default=None, help="jobs at once (default: HERALD_WORKER_CONCURRENCY)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="jobs at once (default: HERALD_WORKER_CONCURRENCY)")
     args = parser.parse_args(argv)
 
     settings = Settings.from_env()
     configure_logging(settings.log_level)
     if not settings.redis_url:
-        print("python -m app.worker needs REDIS_URL: the embedded broker lives inside the gateway process", file=sys.stderr)
+        print("python -m app.worker needs REDIS_URL: the embedded broker lives inside the gateway process",
+              file=sys.stderr)
         return 2
     spec = load_settings(args.settings)
     broker = create_broker(
@@ -59,6 +63,7 @@ async def main(argv: list[str] | None = None) -> int:
         spec.handlers,
         concurrency=args.concurrency or spec.concurrency or settings.worker_concurrency,
         max_attempts=spec.max_attempts or settings.max_attempts,
+        shutdown_grace=DEFAULT_GRACE if spec.shutdown_grace is None else spec.shutdown_grace,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
