@@ -204,11 +204,12 @@ def _text(value: Any) -> str:
 
 
 @contextmanager
-def _reachable() -> Iterator[None]:
-    """Turn "Redis cannot serve this now" into :class:`BrokerUnavailable`."""
+def _reachable(broker: Broker) -> Iterator[None]:
+    """Turn "Redis cannot serve this now" into :class:`BrokerUnavailable`, counted in ``broker.errors``."""
     try:
         yield
     except _UNAVAILABLE as exc:
+        broker.errors += 1
         raise BrokerUnavailable(f"redis: {exc}") from exc
 
 
@@ -314,7 +315,7 @@ class RedisBroker(Broker):
         ]
         # An "exists" whose operation just expired is re-run: by then the key has expired with it.
         for _ in range(2):
-            with _reachable():
+            with _reachable(self):
                 outcome, *rest = await self._accept_script(keys=keys, args=args)
             if outcome == b"created":
                 return Accepted(operation, created=True)
@@ -337,7 +338,7 @@ class RedisBroker(Broker):
         regrouped = False
         while True:
             try:
-                with _reachable():
+                with _reachable(self):
                     await self._ensure_groups(keys)
                     out = await self._reclaim(keys, consumer, count)
                     if len(out) < count:
@@ -416,13 +417,13 @@ class RedisBroker(Broker):
     async def ack(self, delivery: Delivery) -> None:
         """Acknowledge and delete the entry, so it is never handed out again."""
         type_, entry_id = delivery.delivery_id.rsplit("|", 1)
-        with _reachable():
+        with _reachable(self):
             await self._done(_key("req", type_), entry_id)
 
     async def release(self, delivery: Delivery) -> None:
         """Mark the entry idle for long, so the next consume's XAUTOCLAIM takes it at once."""
         type_, entry_id = delivery.delivery_id.rsplit("|", 1)
-        with _reachable():
+        with _reachable(self):
             # JUSTID: the count is not raised now; the reclaim that hands it out raises it
             await self._redis.xclaim(_key("req", type_), GROUP, _RELEASED, 0, [entry_id],
                                      idle=_LONG_IDLE_MS, justid=True)
@@ -430,7 +431,7 @@ class RedisBroker(Broker):
     # Operations ------------------------------------------------------------------------
     async def get_operation(self, operation_id: str) -> Operation | None:
         """The stored operation, or ``None`` if unknown or expired."""
-        with _reachable():
+        with _reachable(self):
             return _operation(await self._redis.hgetall(_op_key(operation_id)))
 
     async def transition(
@@ -469,7 +470,7 @@ class RedisBroker(Broker):
             args: list[Any] = [current.version, status.value if status else "", self.history_size + 1,
                                _ms(self.operation_ttl), event.type if event else "",
                                event.encoded if event else b"", *_fields(updated)]
-            with _reachable():
+            with _reachable(self):
                 outcome, *rest = await self._update_script(keys=[_op_key(operation_id), _key("topic", topic)],
                                                            args=args)
             if outcome == b"ok":
@@ -485,7 +486,7 @@ class RedisBroker(Broker):
     async def publish(self, topic: str, event: Event) -> str:
         """Append to the topic's capped stream and PUBLISH it, atomically; return its cursor."""
         ttl = self.operation_ttl if topic.startswith("operations/") else self.history_ttl
-        with _reachable():
+        with _reachable(self):
             cursor = await self._publish_script(
                 keys=[_key("topic", topic)], args=[self.history_size + 1, _ms(ttl), event.type, event.encoded]
             )
@@ -496,7 +497,7 @@ class RedisBroker(Broker):
         key = _key("topic", topic)
         after_key = parse_cursor(after) if after is not None else None
         start = "(" + format_cursor(after_key) if after_key is not None else "-"
-        with _reachable():
+        with _reachable(self):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.xlen(key)
                 pipe.xrange(key, "-", "+", count=2)
@@ -516,7 +517,7 @@ class RedisBroker(Broker):
         """The newest ``count`` events, oldest first (never the sentinel: it is older than history_size)."""
         if count <= 0:
             return []
-        with _reachable():
+        with _reachable(self):
             entries: Any = await self._redis.xrevrange(
                 _key("topic", topic), "+", "-", count=min(count, self.history_size)
             )
@@ -524,7 +525,7 @@ class RedisBroker(Broker):
 
     async def head(self, topic: str) -> str | None:
         """The newest cursor of a topic, or ``None``."""
-        with _reachable():
+        with _reachable(self):
             newest: Any = await self._redis.xrevrange(_key("topic", topic), "+", "-", count=1)
         return _text(newest[0][0]) if newest else None
 
@@ -577,11 +578,14 @@ class RedisBroker(Broker):
     # The pub/sub reader ----------------------------------------------------------------
     async def _listen_forever(self) -> None:
         delay = _BACKOFF_MIN
+        opened = False
         while True:
             conn: AbstractConnection | None = None
             try:
                 conn = self._redis.connection_pool.make_connection()
                 await self._open(conn)
+                self.reconnects += opened  # the first connection is not a reconnection
+                opened = True
                 delay = _BACKOFF_MIN
                 await self._pump(conn)
             except Exception as exc:  # whatever broke the connection, the cure is a new one
@@ -671,7 +675,7 @@ class RedisBroker(Broker):
     # Counters --------------------------------------------------------------------------
     async def hit(self, key: str, window: int) -> int:
         """INCR the counter and (re)set its expiry in one MULTI, so it never outlives its window."""
-        with _reachable():
+        with _reachable(self):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.incr(_key("count", key))
                 pipe.expire(_key("count", key), window)
@@ -681,11 +685,11 @@ class RedisBroker(Broker):
     # Resources -------------------------------------------------------------------------
     async def put_resource(self, path: str, document: dict[str, Any], *, ttl: int) -> None:
         """Store a JSON document for ``ttl`` seconds."""
-        with _reachable():
+        with _reachable(self):
             await self._redis.set(_key("res", path), orjson.dumps(document), px=_ms(ttl))
 
     async def get_resource(self, path: str) -> dict[str, Any] | None:
         """The document, or ``None`` if missing or expired."""
-        with _reachable():
+        with _reachable(self):
             raw = await self._redis.get(_key("res", path))
         return None if raw is None else orjson.loads(raw)

@@ -15,6 +15,7 @@ from app.broker.memory import MemoryBroker
 from app.events import build_event
 from app.hub import Hub, Subscriber
 from app.metrics import Metrics
+from tests.support.redis_server import RedisServer
 from tests.support.server import HeraldServer
 from tests.support.sse import sse_connect
 
@@ -39,9 +40,9 @@ def value(text: str, name: str, **labels: str) -> float:
 
 
 async def wait_for_metric(client: httpx.AsyncClient, name: str, expected: float, **labels: str) -> str:
-    """Scrape until ``name`` reaches ``expected`` (bounded: 5 s)."""
+    """Scrape until ``name`` reaches ``expected`` (bounded: 10 s)."""
     text = ""
-    for _ in range(100):
+    for _ in range(200):
         text = (await client.get("/metrics")).text
         if value(text, name, **labels) >= expected:
             return text
@@ -108,6 +109,26 @@ async def test_broker_error_and_reconnect_counts_are_exported() -> None:
     text = metrics.render().decode()
     assert value(text, "herald_broker_errors_total") == 3
     assert value(text, "herald_broker_reconnects_total") == 2
+
+
+@pytest.mark.redis
+async def test_broker_errors_and_reconnects_are_counted_against_a_real_redis(
+    herald: Callable[..., HeraldServer],
+) -> None:
+    redis = RedisServer().start()  # its own: this test takes it away
+    try:
+        server = herald({"REDIS_URL": redis.url()})
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            assert (await client.post(SEND, json={"author": "a", "text": "up"})).status_code == 202
+            assert value((await client.get("/metrics")).text, "herald_broker_errors_total") == 0
+            redis.stop()
+            assert (await client.post(SEND, json={"author": "a", "text": "down"})).status_code == 503
+            assert value((await client.get("/metrics")).text, "herald_broker_errors_total") >= 1
+            redis.start()
+            await wait_for_metric(client, "herald_broker_reconnects_total", 1)
+            assert (await client.post(SEND, json={"author": "a", "text": "back"})).status_code == 202
+    finally:
+        redis.cleanup()
 
 
 def test_latency_clock_forgets_operations_beyond_its_bound() -> None:
