@@ -80,7 +80,7 @@ class JsonFormatter(logging.Formatter):
             if bound is not None:
                 doc["correlation_id"] = bound
         if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+            doc["exc"] = redact(self.formatException(record.exc_info))  # a traceback may quote a URL
         return orjson.dumps(doc, default=str).decode()
 
 
