@@ -21,12 +21,7 @@ import asyncio
 import contextlib
 import os
 import platform
-import resource
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,64 +33,13 @@ import httpx
 import orjson
 import websockets
 
-ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
+from bench.servers import HOST, ROOT, Managed, RedisServer, free_port, raise_fd_limit, spawn, wait_http
+
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SECRET = "soak-secret-not-for-production-0123456789"
 LIMIT = 5.0
 """Largest growth (percent) of RSS or open fds that passes."""
 DELIVERED = b"event: ChatMessageDelivered\n"
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-# Processes ------------------------------------------------------------------------------------
-
-@dataclass
-class Proc:
-    """A child process in its own process group, with its output in a file."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM its group; SIGKILL if it lingers."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout)
-
-
-def spawn(name: str, argv: list[str], env: dict[str, str], workdir: Path) -> Proc:
-    """Start ``argv`` in a new session (so it can be stopped with its children)."""
-    log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-    return Proc(name, popen, log)
-
-
-def wait_port(port: int, proc: Proc, timeout: float = 20.0) -> None:
-    """Until something accepts on ``port``; raises with the log if the process died or time ran out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited:\n{proc.log.read_text(errors='replace')[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{proc.name} did not listen on {port} within {timeout}s")
 
 
 def rss(pid: int) -> int:
@@ -264,32 +208,27 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # operations of the memory broker expire within the run (the sweep runs every 30 s)
         "HERALD_OPERATION_TTL": str(args.operation_ttl),
     })
-    procs: list[Proc] = []
+    procs: list[Managed] = []
+    redis: RedisServer | None = None
     try:
         if args.broker == "redis":
-            redis_bin = shutil.which("redis-server")
-            if redis_bin is None:
-                raise SystemExit("--broker redis needs redis-server on PATH")
-            redis_port = free_port()
-            redis = spawn("redis", [redis_bin, "--bind", HOST, "--port", str(redis_port), "--save", "",
-                                    "--appendonly", "no", "--dir", str(workdir)], env, workdir)
-            procs.append(redis)
-            wait_port(redis_port, redis)
-            env["REDIS_URL"] = f"redis://{HOST}:{redis_port}/0"
-            procs.append(spawn("worker", [sys.executable, "-m", "app.worker"], env, workdir))
+            redis = RedisServer(workdir).start()
+            env["REDIS_URL"] = redis.url
+            procs.append(spawn("worker", [sys.executable, "-m", "app.worker"], workdir, env=env))
         gateway = spawn("gateway", [
             sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", HOST, "--port", str(port),
             "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--no-access-log",
-        ], env, workdir)
+        ], workdir, env=env)
         procs.append(gateway)
-        wait_port(port, gateway)
-        pid = gateway.popen.pid
-        report = await _drive(args, port, pid)
-        report["server_log_tail"] = gateway.log.read_text(errors="replace").splitlines()[-5:]
+        wait_http(f"http://{HOST}:{port}/readyz", procs)
+        report = await _drive(args, port, gateway.pid)
+        report["server_log_tail"] = gateway.log_tail(5).splitlines()
         return report
     finally:
         for proc in reversed(procs):
             proc.stop()
+        if redis is not None:
+            redis.stop()
 
 
 async def _drive(args: argparse.Namespace, port: int, pid: int) -> dict[str, Any]:
@@ -396,9 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", choices=["redis", "memory"], default="redis")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:  # both ends of 2,000 connections live on this machine
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_fd_limit()  # both ends of 2,000 connections live on this machine
     with tempfile.TemporaryDirectory(prefix="herald-soak-") as tmp:
         report = asyncio.run(soak(args, Path(tmp)))
     args.out.mkdir(parents=True, exist_ok=True)
