@@ -191,8 +191,10 @@ async def test_commands_over_the_rate_limit_are_429_with_retry_after(herald: Cal
     server = herald({"HERALD_RATE_LIMIT": "3"})
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
         answers = [await client.post(SEND, json={"author": "a", "text": str(n)}) for n in range(12)]
+        metrics = (await client.get("/metrics")).text
     statuses = [a.status_code for a in answers]
     assert statuses.count(429) >= 6, statuses  # at most two windows of 3 fit in the burst
+    assert f'herald_commands_rejected_total{{reason="rate-limited"}} {statuses.count(429)}.0' in metrics
     limited = next(a for a in answers if a.status_code == 429)
     assert_problem(limited, 429, "rate-limited")
     assert int(limited.headers["retry-after"]) == 1  # the window is one second
