@@ -104,6 +104,8 @@ class Broker(ABC):
     """What the gateway, the hub and the workers need from a broker."""
 
     source: str = "herald"
+    visibility_timeout: float = 30.0
+    """Seconds a delivery stays with its consumer, unacknowledged, before it is handed out again."""
 
     def __init__(self) -> None:
         self._sink: FrameSink | None = None
@@ -175,6 +177,14 @@ class Broker(ABC):
     @abstractmethod
     async def release(self, delivery: Delivery) -> None:
         """Give a delivery back unfinished, so another consumer may take it at once."""
+
+    @abstractmethod
+    async def extend(self, deliveries: Sequence[Delivery], consumer: str) -> list[Delivery]:
+        """Keep these deliveries with ``consumer`` for another visibility timeout (a worker's lease on its jobs).
+
+        Returns the ones that are no longer this consumer's (handed out again, acknowledged or
+        released), which are left as they are.
+        """
 
     # Operations ------------------------------------------------------------------------
     @abstractmethod

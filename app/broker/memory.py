@@ -171,6 +171,20 @@ class MemoryBroker(Broker):
         if queue is not None:
             queue.inflight.pop(delivery_id, None)
 
+    async def extend(self, deliveries: Sequence[Delivery], consumer: str) -> list[Delivery]:
+        """Push the deadline of deliveries still out as handed (same delivery count) one visibility timeout on."""
+        deadline = time.monotonic() + self.visibility_timeout
+        lost: list[Delivery] = []
+        for delivery in deliveries:
+            type_, delivery_id = delivery.delivery_id.split("|", 1)
+            queue = self._queues.get(type_)
+            held = queue.inflight.get(delivery_id) if queue is not None else None
+            if queue is None or held is None or held[1] != delivery.deliveries:
+                lost.append(delivery)
+                continue
+            queue.inflight[delivery_id] = (held[0], held[1], deadline)
+        return lost
+
     async def release(self, delivery: Delivery) -> None:
         """Put a delivery back at the front of its queue."""
         type_, delivery_id = delivery.delivery_id.split("|", 1)

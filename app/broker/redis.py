@@ -45,6 +45,11 @@ to the gap sink first (the hub tells the topic's clients: SSE ``herald.gap``, We
 :class:`BrokerUnavailable`: no client retries, because replaying a write whose reply was
 lost could queue a command twice.
 
+A worker holds a lease on the jobs it runs: ``extend`` re-claims them every third of the
+visibility timeout (XCLAIM ... JUSTID resets the idle time and leaves the delivery count), in
+a script that first checks with XPENDING that the entry is still this consumer's, so a job
+that outlasts the visibility timeout is not handed to a second worker while the first lives.
+
 ``accept`` is the one script that touches keys of several slots; on a Cluster it would
 need the idempotency key and the request queue tagged with the operation's slot.
 """
@@ -170,6 +175,22 @@ return out
 """
 
 
+# KEYS: request stream. ARGV: group, consumer, entry ids. Re-claims (idle := 0) the ids this consumer
+# still holds; returns the positions (1-based) of those it does not.
+_EXTEND_LUA = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = i - 2
+  end
+end
+return lost
+"""
+
+
 def _key(kind: str, name: str) -> str:
     return f"herald:{kind}:{{{name}}}"
 
@@ -261,6 +282,7 @@ class RedisBroker(Broker):
         self._update_script = self._redis.register_script(_UPDATE_LUA)
         self._publish_script = self._redis.register_script(_PUBLISH_LUA)
         self._reclaim_script = self._redis.register_script(_RECLAIM_LUA)
+        self._extend_script = self._redis.register_script(_EXTEND_LUA)
         self._groups: set[str] = set()
         # Fan-out state: topics wanted, confirmed on the current connection, and positions.
         self._wanted: set[str] = set()
@@ -427,6 +449,19 @@ class RedisBroker(Broker):
             # JUSTID: the count is not raised now; the reclaim that hands it out raises it
             await self._redis.xclaim(_key("req", type_), GROUP, _RELEASED, 0, [entry_id],
                                      idle=_LONG_IDLE_MS, justid=True)
+
+    async def extend(self, deliveries: Sequence[Delivery], consumer: str) -> list[Delivery]:
+        """Re-claim, per request stream, the entries ``consumer`` still holds, so their idle time starts again."""
+        by_type: dict[str, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_type.setdefault(delivery.delivery_id.rsplit("|", 1)[0], []).append(delivery)
+        lost: list[Delivery] = []
+        for type_, held in by_type.items():
+            ids = [d.delivery_id.rsplit("|", 1)[1] for d in held]
+            with _reachable(self):
+                positions = await self._extend_script(keys=[_key("req", type_)], args=[GROUP, consumer, *ids])
+            lost += [held[int(i) - 1] for i in positions]
+        return lost
 
     # Operations ------------------------------------------------------------------------
     async def get_operation(self, operation_id: str) -> Operation | None:

@@ -163,6 +163,7 @@ class Worker:
     async def run(self, *, burst: bool = False) -> None:
         """Consume until :meth:`stop` (or, with ``burst``, until no work is left)."""
         types = list(self.handlers)
+        leases = asyncio.create_task(self._keep_leases(), name="worker-leases")
         try:
             while not self._stopping.is_set():
                 free = self.concurrency - len(self._inflight)
@@ -189,7 +190,27 @@ class Worker:
                         return
                     await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await self._drain()
+            try:
+                await self._drain()  # leases are kept meanwhile: a job finishing within the grace stays ours
+            finally:
+                leases.cancel()
+
+    async def _keep_leases(self) -> None:
+        """Extend the jobs in hand every third of the visibility timeout, so a long job is not handed out twice."""
+        while True:
+            await asyncio.sleep(max(0.05, self.broker.visibility_timeout / 3))
+            held = list(self._inflight.values())
+            if not held:
+                continue
+            try:
+                lost = await self.broker.extend(held, self.name)
+            except BrokerError as exc:
+                log.warning("could not extend the jobs in hand (%s); they may be handed out again", exc)
+                continue
+            still_held = set(self._inflight.values())  # one settled meanwhile is not "lost"
+            for delivery in lost:
+                if delivery in still_held:
+                    log.warning("job %s is no longer this worker's; another may run it too", delivery.delivery_id)
 
     async def _drain(self) -> None:
         if not self._inflight:

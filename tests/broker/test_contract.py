@@ -113,6 +113,23 @@ async def test_released_delivery_is_available_at_once(broker: Broker) -> None:
     assert again.deliveries == 2
 
 
+async def test_an_extended_delivery_stays_with_its_consumer_until_it_is_no_longer_extended(
+    make_broker: MakeBroker,
+) -> None:
+    broker = await make_broker(visibility_timeout=1.0)
+    op, request = command()
+    await broker.accept(op, request)
+    [held] = await broker.consume([REQUEST], "w1", block=1)
+    for _ in range(6):  # 1.2 s in all, past the visibility timeout, extended every 0.2 s
+        await asyncio.sleep(0.2)
+        assert await broker.extend([held], "w1") == []
+        assert await broker.consume([REQUEST], "w2", block=0) == []
+    [again] = await broker.consume([REQUEST], "w2", block=3)  # no longer extended: it comes back
+    assert (again.event.id, again.deliveries) == (request.id, 2)
+    assert await broker.extend([held], "w1") == [held], "w1's lease is gone and stays gone"
+    assert await broker.extend([again], "w2") == []
+
+
 async def test_consume_takes_at_most_count(broker: Broker) -> None:
     for _ in range(3):
         await broker.accept(*command())

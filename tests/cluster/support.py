@@ -263,7 +263,8 @@ class SSEListener:
     controls: list[SSEMessage] = field(default_factory=list)  # herald.gap, herald.disconnect
     timeline: list[str] = field(default_factory=list)  # every message's event: name (and id), in arrival order
     heartbeats: list[float] = field(default_factory=list)  # monotonic times
-    connects: list[tuple[str, int, str | None]] = field(default_factory=list)  # (base, status, Last-Event-ID)
+    # (base, status, Last-Event-ID sent, events received before this connect); status 0: no answer
+    connects: list[tuple[str, int, str | None, int]] = field(default_factory=list)
     max_connects: int = 100
     end_on: Callable[[SSEListener], bool] | None = None  # stop for good once this holds
     _task: asyncio.Task[None] | None = None
@@ -307,16 +308,19 @@ class SSEListener:
                 headers = {"Accept": "text/event-stream"}
                 if self.cursor is not None:
                     headers["Last-Event-ID"] = self.cursor
+                opened = False
                 try:
                     async with client.stream("GET", self.url(base), headers=headers) as response:
-                        self.connects.append((base, response.status_code, self.cursor))
+                        self.connects.append((base, response.status_code, self.cursor, len(self.all)))
+                        opened = True
                         if response.status_code == 200:
                             attempt -= 1  # a stream that opened is retried on the same gateway first
                             await self._read(response)
                             if self.end_on is not None and self.end_on(self):
                                 return
                 except (httpx.HTTPError, OSError):
-                    self.connects.append((base, 0, self.cursor))
+                    if not opened:  # a stream that broke after it opened is not another connect
+                        self.connects.append((base, 0, self.cursor, len(self.all)))
                 await asyncio.sleep(0.2)
 
     async def _read(self, response: httpx.Response) -> None:

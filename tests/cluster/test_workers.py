@@ -92,6 +92,23 @@ async def test_a_worker_killed_mid_job_leaves_it_to_the_other_and_the_operation_
     await follower.close()
 
 
+async def test_a_job_that_outlasts_the_visibility_timeout_stays_with_its_living_worker(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(HERALD_VISIBILITY_TIMEOUT="1")
+    gateway = await cluster.gateway()
+    workers = list(await asyncio.gather(cluster.worker(FAULTY), cluster.worker(FAULTY)))
+    op_id = await send(gateway.url, "sleep 3")  # three visibility timeouts
+    first = await holder(cluster, op_id, workers)
+    await eventually(lambda: bool(of_type(history(cluster, op_id), *TERMINAL)), 15, "the long job done")
+
+    events = history(cluster, op_id)
+    print(f"a 3 s job with a 1 s visibility timeout: {[(e.type, e.event['source']) for e in events]}")
+    assert invocations(cluster, op_id) == 1, "its worker kept the lease: nobody ran it a second time"
+    assert [e.event["data"]["attempts"] for e in of_type(events, "herald.operation.running")] == [1]
+    assert [e.event["source"] for e in of_type(events, "ChatMessageDelivered")] == [first.source]
+
+
 async def test_a_handler_that_always_crashes_its_process_fails_the_operation_after_max_attempts(
     make_cluster: Callable[..., Cluster],
 ) -> None:
