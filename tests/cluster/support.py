@@ -74,6 +74,15 @@ async def eventually(check: Callable[[], bool], timeout: float, what: str, *, in
         await asyncio.sleep(interval)
 
 
+async def eventually_async(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """:func:`eventually` for a check that has to await (an HTTP probe)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"within {timeout}s: {what}")
+        await asyncio.sleep(0.05)
+
+
 # Worker processes ----------------------------------------------------------------------
 
 class WorkerProcess:
