@@ -14,6 +14,7 @@ Cluster hash tag, so an operation's hash and its topic's stream share a slot)::
                                                every append: operation_ttl for operations/*,
                                                history_ttl for the rest
     herald:res:{<path>}               string   a resource document (JSON), PX the caller's ttl
+    herald:count:{<key>}              string   a rate-limit counter (INCR); EXPIRE its window
 
 Fan-out: appending to a topic and ``PUBLISH``-ing it happen in one Lua script, so publish
 order is stream order. The channel is named like the topic's stream key (SPUBLISH on a
