@@ -33,6 +33,8 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 _OPERATION_PREFIX = "operations/"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_HORIZON = 60.0
+"""Seconds an accepted operation waits for its first push before it is no longer timed."""
 
 
 class _LiveCollector(Collector):
@@ -70,7 +72,7 @@ class _LiveCollector(Collector):
 class Metrics:
     """This process's Prometheus registry and the counters the gateway feeds."""
 
-    def __init__(self, hub: Hub, broker: Broker, *, track: int = 10000) -> None:
+    def __init__(self, hub: Hub, broker: Broker, *, track: int = 10000, horizon: float = LATENCY_HORIZON) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_LiveCollector(hub, broker))
         self.operations = Counter(
@@ -87,15 +89,19 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self._track = track
+        self._horizon = horizon
         self._accepted_at: OrderedDict[str, float] = OrderedDict()
 
     def accepted(self, operation_id: str) -> None:
         """A new operation was accepted here: count it and start its latency clock."""
         self.operations.labels("pending").inc()
-        self._accepted_at[operation_id] = time.monotonic()
-        # bounded: an operation nobody listens to here must not be remembered forever
-        while len(self._accepted_at) > self._track:
-            self._accepted_at.popitem(last=False)
+        now = time.monotonic()
+        clocks = self._accepted_at
+        clocks[operation_id] = now
+        # bounded in age and count: most operations are never pushed by this process (polled, or followed
+        # on another gateway), and their clocks must not pile up
+        while clocks and (len(clocks) > self._track or now - next(iter(clocks.values())) > self._horizon):
+            clocks.popitem(last=False)
 
     def observe(self, frame: Frame) -> None:
         """Account for a live frame before the hub fans it out."""

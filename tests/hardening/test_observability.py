@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import httpx
@@ -131,12 +132,17 @@ async def test_broker_errors_and_reconnects_are_counted_against_a_real_redis(
         redis.cleanup()
 
 
-def test_latency_clock_forgets_operations_beyond_its_bound() -> None:
+def test_latency_clocks_are_bounded_in_count_and_age() -> None:
     broker = MemoryBroker()
     metrics = Metrics(Hub(broker), broker, track=3)
     for n in range(10):
         metrics.accepted(f"op_{n}")
-    assert len(metrics._accepted_at) == 3
+    assert list(metrics._accepted_at) == ["op_7", "op_8", "op_9"]
+    aged = Metrics(Hub(broker), broker, horizon=0.05)
+    aged.accepted("op_old")
+    time.sleep(0.1)
+    aged.accepted("op_new")
+    assert list(aged._accepted_at) == ["op_new"]
 
 
 # Logs --------------------------------------------------------------------------------------
