@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -72,7 +71,8 @@ class Subscriber:
     def __init__(self, max_queue: int, transport: str = "sse") -> None:
         self.max_queue = max_queue
         self.transport = transport
-        self.queue: deque[Frame | Gap | str] = deque()
+        # a list, not a deque: it is only appended to and swapped out whole, and an empty deque costs 600 bytes
+        self.queue: list[Frame | Gap | str] = []
         self.positions: dict[str, Cursor | None] = {}
         self._held: dict[str, list[Frame]] | None = None
         self._backlog = 0  # replayed history frames in the queue, which do not count against max_queue
@@ -186,7 +186,7 @@ class Subscriber:
         if self.closed and not self.queue:
             return []
         batch: list[Frame | str | object] = list(self.queue)
-        self.queue.clear()
+        self.queue = []
         self._backlog = 0
         if self.heartbeat_due:
             self.heartbeat_due = False
