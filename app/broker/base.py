@@ -4,10 +4,12 @@ A broker has three jobs, and every implementation does all three the same way:
 
 * **Request events** (commands) go to competing consumers: each is handed to exactly one
   worker, and handed out again when that worker does not acknowledge it within the
-  visibility timeout (at least once).
+  visibility timeout (at least once); a worker that is still at it renews the timeout
+  with :meth:`Broker.extend`.
 * **Topics** are ordered, capped histories with cursors, plus live fan-out to the
   topics this process listens to (one broker-level subscription per topic per process;
-  the hub multiplexes local connections on top).
+  the hub multiplexes local connections on top). When the fan-out lost more of a topic
+  than its history still holds, the gap sink is told (see :meth:`Broker.set_gap_sink`).
 * **Operations** are records changed only by transition-checked, atomic updates; every
   change appends a ``herald.operation.<status>`` event to the operation's topic in the
   same atomic step, so a watcher can never see a state without its event.

@@ -383,7 +383,7 @@ def _topic_of(doc: dict[str, Any], topics: list[str], slots: list[str], previous
         moved = [t for t, c, p in zip(topics, slots, previous, strict=True) if c != p]
         assert len(moved) == 1, f"expected exactly one cursor slot to move, got {moved} for {doc.get('type')}"
         return moved[0]
-    data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
+    data: dict[str, Any] = doc["data"] if isinstance(doc.get("data"), dict) else {}
     for hint in (f"operations/{doc.get('correlationid')}", f"chats/{data.get('room')}", str(data.get("topic"))):
         if hint in topics:
             return hint
@@ -486,7 +486,7 @@ class WSListener:
         if doc.get("type") != "event":
             self.messages.append(doc)
             self.timeline.append(str(doc.get("type")))
-            topic = doc.get("topic")
+            topic = str(doc.get("topic"))
             if doc.get("code") == "broker-unavailable" and topic in self.tokens and self._retries < self.max_connects:
                 # the gateway could not reach Redis for this subscribe: ask again shortly, as a client would
                 self._retries += 1

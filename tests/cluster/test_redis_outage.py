@@ -134,7 +134,7 @@ async def test_a_redis_crash_loses_no_accepted_command_and_no_stored_event(
     ws = WSListener([a.ws_url]).start()  # on A: the room and every accepted operation
     await ws.connected()
     await ws.subscribe(room)
-    await eventually(lambda: room_sse.connects and any(m.get("topic") == room for m in ws.messages), 10,
+    await eventually(lambda: bool(room_sse.connects) and any(m.get("topic") == room for m in ws.messages), 10,
                      "clients subscribed")
 
     posts: list[dict[str, Any]] = []  # one per POST: when, status, Retry-After, operation id

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -76,7 +77,8 @@ async def test_a_thousand_operations_each_handled_once_and_received_in_order_by_
             await eventually(lambda: len(ws.events[topic]) >= len(EXPECTED), 30, f"{topic} over the WebSocket")
             await ws.unsubscribe(topic)
 
-        await run_bounded([lambda n=n: operation(n) for n in range(OPERATIONS)], CLIENTS * PER_CLIENT_IN_FLIGHT)
+        jobs: list[Callable[[], Awaitable[None]]] = [functools.partial(operation, n) for n in range(OPERATIONS)]
+        await run_bounded(jobs, CLIENTS * PER_CLIENT_IN_FLIGHT)
 
     await eventually(lambda: sum(len(v) for v in room_listener.events.values()) >= OPERATIONS, 30,
                      "every ChatMessageDelivered on the room stream")
