@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -124,20 +125,9 @@ class EventStream(Response):
         preamble = [sse_retry(gateway.settings.retry_ms)]
         try:
             for i, topic in enumerate(self.topics):
-                from_start = topic.startswith("operations/")
-
-                def announce(start: str | None, page: HistoryPage | None, i: int = i, topic: str = topic) -> None:
-                    if positions[i] is None:
-                        # An empty topic has no cursor yet: "0-0" (before its first event) keeps the slot
-                        # filled, so a resume replays what it got meanwhile instead of starting live.
-                        positions[i] = start if start is not None else "0-0"
-                    if page is not None and page.truncated:
-                        preamble.append(sse_control("herald.gap", {
-                            "topic": topic, "cursor": self.cursors[i], "oldest": page.oldest,
-                            "detail": GAP_DETAIL,
-                        }))
-
-                await hub.follow(sub, topic, self.cursors[i], from_start=from_start, announce=announce)
+                # no local name for the announcer: a closure left in this frame would live as long as the stream
+                await hub.follow(sub, topic, self.cursors[i], from_start=topic.startswith("operations/"),
+                                 announce=self._announcer(i, topic, positions, preamble))
         except BrokerError:
             await hub.leave(sub)
             await problem_response(HTTPProblem(503, "the broker is unreachable", kind="broker-unavailable",
@@ -158,6 +148,20 @@ class EventStream(Response):
             watcher.cancel()
             await hub.leave(sub)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _announcer(self, i: int, topic: str, positions: list[str | None],
+                   preamble: list[bytes]) -> Callable[[str | None, HistoryPage | None], None]:
+        def announce(start: str | None, page: HistoryPage | None) -> None:
+            if positions[i] is None:
+                # An empty topic has no cursor yet: "0-0" (before its first event) keeps the slot
+                # filled, so a resume replays what it got meanwhile instead of starting live.
+                positions[i] = start if start is not None else "0-0"
+            if page is not None and page.truncated:
+                preamble.append(sse_control("herald.gap", {
+                    "topic": topic, "cursor": self.cursors[i], "oldest": page.oldest, "detail": GAP_DETAIL,
+                }))
+
+        return announce
 
     async def _pump(self, sub: Subscriber, send: Send, vector: bool, positions: list[str | None]) -> None:
         index = {t: i for i, t in enumerate(self.topics)}
