@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import unquote
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.routing import Match, Route, WebSocketRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from app.auth import Grant, TokenError
@@ -134,7 +134,7 @@ class EventStream(Response):
                                                headers={"Retry-After": "2"}))(scope, receive, send)
             return
         sub.task = asyncio.current_task()
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, sub))
+        watcher = DisconnectWatch(receive, sub)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b"".join(preamble), "more_body": True})
@@ -200,10 +200,55 @@ class EventStream(Response):
                 return
 
 
-async def _watch_disconnect(receive: Receive, sub: Subscriber) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    sub.close("client-gone")
+class DisconnectWatch:
+    """Closes ``sub`` with ``client-gone`` when ``receive()`` says ``http.disconnect``, without a task.
+
+    An SSE stream has to notice its client leaving (uvicorn's ``send`` stays silent after a
+    disconnect), and a task per connection just to wait on ``receive()`` costs memory and a
+    scheduling round per connection. Instead the ``receive()`` coroutine is stepped by hand, the
+    way a task would step it: each future it waits on gets a done callback that steps it again.
+    """
+
+    __slots__ = ("_coro", "_receive", "_sub")
+
+    def __init__(self, receive: Receive, sub: Subscriber) -> None:
+        self._receive = receive
+        self._sub = sub
+        self._coro: Coroutine[Any, Any, Message] | None = None
+        self._next()
+
+    def _next(self) -> None:
+        self._coro = self._receive()  # type: ignore[assignment]  # Receive is typed as an awaitable
+        self._step(None)
+
+    def _step(self, _: object) -> None:
+        coro = self._coro
+        if coro is None:
+            return
+        try:
+            waiting = coro.send(None)
+        except StopIteration as done:
+            self._coro = None
+            if done.value["type"] == "http.disconnect":
+                self._sub.close("client-gone")
+            else:
+                self._next()  # the (empty) request body; the next message is the disconnect
+            return
+        except (Exception, asyncio.CancelledError):  # a receive that fails: the connection is gone
+            self._coro = None
+            self._sub.close("client-gone")
+            return
+        if waiting is None:  # a bare yield (sleep(0)): step again on the next loop iteration
+            asyncio.get_running_loop().call_soon(self._step, None)
+        else:  # a future, as a task would get it
+            waiting._asyncio_future_blocking = False
+            waiting.add_done_callback(self._step)
+
+    def cancel(self) -> None:
+        """Stop watching (the stream is over)."""
+        coro, self._coro = self._coro, None
+        if coro is not None:
+            coro.close()
 
 
 def _last_event_id(request: Request) -> str | None:
