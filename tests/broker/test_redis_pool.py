@@ -1,4 +1,4 @@
-"""The Redis broker under a burst of concurrent calls: they queue for a connection, none is refused."""
+"""The Redis broker under load: a burst of calls queues for a connection; a followed topic's head is known."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from app.broker.redis import RedisBroker
-from tests.broker.helpers import event
+from tests.broker.helpers import event, eventually
 
 pytestmark = pytest.mark.redis
 
@@ -20,5 +20,32 @@ async def test_a_burst_of_concurrent_calls_waits_for_a_connection_instead_of_fai
         await broker.publish("burst", event(1))
         heads = await asyncio.gather(*(broker.head("burst") for _ in range(300)))
         assert len(set(heads)) == 1 and heads[0] is not None
+    finally:
+        await broker.close()
+
+
+async def test_the_head_of_a_followed_topic_is_known_without_asking_redis(redis_url: str) -> None:
+    broker = RedisBroker(redis_url)
+    got: list[str] = []
+    broker.set_sink(lambda frame: got.append(frame.cursor))
+    try:
+        first = await broker.publish("followed", event(1))
+        await broker.subscribe("followed")
+        await broker.subscribe("empty")
+        asked: list[str] = []
+        read_head = broker._read_head
+
+        async def counting(topic: str) -> str | None:
+            asked.append(topic)
+            return await read_head(topic)
+
+        broker._read_head = counting  # type: ignore[method-assign]
+        assert await broker.head("followed") == first  # the head read when it subscribed
+        assert await broker.head("empty") is None
+        second = await broker.publish("followed", event(2))
+        await eventually(lambda: got == [second])
+        assert await broker.head("followed") == second  # the newest handed over
+        assert asked == []
+        assert await broker.head("not-followed") is None and asked == ["not-followed"]
     finally:
         await broker.close()
