@@ -167,6 +167,7 @@ TABLE: dict[str, Http | Ws | RawWs] = {
     "topic-control-char": sse(f"/topics/chats/a%01b/events?token={LOBBY}", 400),
     "topic-too-long": sse("/topics/" + "t" * 300 + "/events", 400),
     "topic-empty-segment": sse("/topics/chats//lobby/events", 400),
+    "too-many-topics": sse("/topics/events?" + "&".join(f"topic=chats/r{n}" for n in range(65)), 400),
     "operation-events-unknown": sse("/operations/op_nope/events", 401),
     # WebSocket
     "ws-binary-frame": Ws([b"\x00\x01binary"], close_code=1003),

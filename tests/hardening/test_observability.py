@@ -16,6 +16,7 @@ from app.broker.memory import MemoryBroker
 from app.events import build_event
 from app.hub import Hub, Subscriber
 from app.metrics import Metrics
+from tests.cluster.support import Cluster
 from tests.support.redis_server import RedisServer
 from tests.support.server import HeraldServer
 from tests.support.sse import sse_connect
@@ -215,3 +216,22 @@ async def test_traceparent_of_a_websocket_command_reaches_its_events(herald: Cal
     assert events[0]["type"] == "ChatMessageDelivered"
     assert events[0]["traceparent"] == TRACEPARENT
 
+
+
+@pytest.mark.redis
+async def test_traceparent_crosses_redis_and_a_separate_worker_process() -> None:
+    cluster = Cluster(HERALD_EMBEDDED_WORKER="0")
+    try:
+        gateway = await cluster.gateway()
+        await cluster.worker()
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+            accepted = (await client.post(SEND, json={"author": "a", "text": "far"},
+                                          headers={"traceparent": TRACEPARENT})).json()
+            async with sse_connect(client, accepted["subscribe_url"]) as stream:
+                blocks = [b for b in await stream.until_end(timeout=15) if b.is_message]
+    finally:
+        cluster.close()
+    assert [b.event for b in blocks] == ["herald.operation.running", "ChatMessageDelivered",
+                                         "herald.operation.succeeded"]
+    assert all(b.json()["traceparent"] == TRACEPARENT for b in blocks)
+    assert all(b.json()["source"].startswith("herald.worker/") for b in blocks[1:2])
