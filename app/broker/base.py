@@ -215,6 +215,10 @@ class Broker(ABC):
     async def publish(self, topic: str, event: Event) -> str:
         """Append an event to a topic's history, fan it out, and return its cursor."""
 
+    async def publish_many(self, items: Sequence[tuple[str, Event]]) -> list[str]:
+        """Publish each ``(topic, event)`` in order and return their cursors (one round trip where it can)."""
+        return [await self.publish(topic, event) for topic, event in items]
+
     @abstractmethod
     async def read(self, topic: str, after: str | None, *, limit: int = 1000) -> HistoryPage:
         """Events after ``after`` (``None``: from the oldest kept), oldest first."""

@@ -70,6 +70,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
+    NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
@@ -527,6 +528,31 @@ class RedisBroker(Broker):
                 keys=[_key("topic", topic)], args=[self.history_size + 1, _ms(ttl), event.type, event.encoded]
             )
         return _text(cursor)
+
+    async def publish_many(self, items: Sequence[tuple[str, Event]]) -> list[str]:
+        """Run the publish script for every ``(topic, event)``, pipelined: one round trip for all of them.
+
+        Each append-and-PUBLISH stays atomic on its own; the batch is not a transaction.
+        """
+        if not items:
+            return []
+        try:
+            return await self._publish_pipelined(items)
+        except NoScriptError:  # a Redis that lost its scripts (restarted): load it, once
+            with _reachable(self):
+                await self._redis.script_load(_PUBLISH_LUA)
+            return await self._publish_pipelined(items)
+
+    async def _publish_pipelined(self, items: Sequence[tuple[str, Event]]) -> list[str]:
+        # EVALSHA by hand: a pipeline that runs a registered Script first asks SCRIPT EXISTS, a round trip
+        with _reachable(self):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for topic, event in items:
+                    ttl = self.operation_ttl if topic.startswith("operations/") else self.history_ttl
+                    pipe.evalsha(self._publish_script.sha, 1, _key("topic", topic), self.history_size + 1, _ms(ttl),
+                                 event.type, event.encoded)
+                cursors = await pipe.execute()
+        return [_text(c) for c in cursors]
 
     async def read(self, topic: str, after: str | None, *, limit: int = 1000) -> HistoryPage:
         """Kept events after a cursor; ``truncated`` when the sentinel (newest dropped) is newer."""

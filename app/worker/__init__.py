@@ -87,9 +87,8 @@ class Context:
             causationid=self.event.id,
             traceparent=self.event.traceparent,
         )
-        await self.broker.publish(operation_topic(self.operation.id), event)
-        for topic in topics:
-            await self.broker.publish(topic, event)
+        # one round trip for the operation's topic and every other one
+        await self.broker.publish_many([(operation_topic(self.operation.id), event), *((t, event) for t in topics)])
         return event
 
     async def progress(self, data: Any) -> Event:
