@@ -4,15 +4,18 @@ with the subscribers' receive loop.
 ``python -m bench.publisher SPEC_JSON`` connects, prints ``ready``, waits for ``go`` on stdin,
 publishes, and prints one JSON line of statistics. Every event is the same CloudEvents envelope
 for every target, its ``data`` being ``{"seq": n, "t": publish_time_ns}`` stamped right before the
-publish call:
+publish call. Events due together go out together, as each target best takes a batch:
 
-* ``herald``: through the RedisBroker's own publish path (topic stream + pub/sub), so the format
-  is exactly what Herald's workers write;
-* ``naive``: ``PUBLISH`` of the envelope on the topic's channel;
-* ``nchan``: ``POST /pub/{channel}`` with the envelope as the body (nchan stores it in Redis).
+* ``herald``: the RedisBroker's own publish path (``publish_many``: the append-and-PUBLISH script,
+  pipelined), so the format is exactly what Herald's workers write;
+* ``naive``: ``PUBLISH`` of the envelope on the topic's channel, pipelined;
+* ``nchan``: ``POST /pub/{channel}`` per event with the envelope as the body, ``concurrency``
+  requests at a time (nchan has no batch publish; it stores the message in Redis).
 
-Spec keys: ``kind``, ``redis_url``, ``http_port``, ``mode`` (``rate``: ``count`` events on
-``topics[0]`` at ``rate``/s; ``each``: one event on every topic, ``concurrency`` at a time).
+Spec keys: ``kind``, ``redis_url``, ``http_port``, ``topics``, ``mode`` and ``max_seconds``.
+``rate``: ``count`` events, event ``n`` on ``topics[n % len(topics)]`` at ``t0 + n / rate``.
+``burst``: one event on every topic as fast as it goes, in batches of ``batch``, ``concurrency``
+batches at a time.
 """
 
 from __future__ import annotations
@@ -20,17 +23,17 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
 
-from app.events import build_event
+from app.events import Event, build_event
 
-Publish = Callable[[str, int], Awaitable[None]]
+Publish = Callable[[Sequence[tuple[str, int]]], Awaitable[None]]
 
 
-def tick(seq: int) -> Any:
+def tick(seq: int) -> Event:
     """A bench event stamped with the time it is published."""
     return build_event("bench.tick", {"seq": seq, "t": time.time_ns()}, source="herald-bench")
 
@@ -43,8 +46,8 @@ async def _publisher(spec: dict[str, Any]) -> tuple[Publish, Callable[[], Awaita
         broker = create_broker(spec["redis_url"])
         await broker.start()
 
-        async def publish_herald(topic: str, seq: int) -> None:
-            await broker.publish(topic, tick(seq))
+        async def publish_herald(batch: Sequence[tuple[str, int]]) -> None:
+            await broker.publish_many([(topic, tick(seq)) for topic, seq in batch])
 
         return publish_herald, broker.close
     if kind == "naive":
@@ -53,19 +56,25 @@ async def _publisher(spec: dict[str, Any]) -> tuple[Publish, Callable[[], Awaita
         client = aioredis.Redis.from_url(spec["redis_url"])
         await client.ping()
 
-        async def publish_naive(topic: str, seq: int) -> None:
-            await client.publish(topic, tick(seq).encoded)
+        async def publish_naive(batch: Sequence[tuple[str, int]]) -> None:
+            async with client.pipeline(transaction=False) as pipe:
+                for topic, seq in batch:
+                    pipe.publish(topic, tick(seq).encoded)
+                await pipe.execute()
 
         return publish_naive, client.aclose
     if kind == "nchan":
         from bench.loadgen import HTTPPool
 
-        pool = await HTTPPool("127.0.0.1", spec["http_port"], size=spec.get("concurrency", 1)).start()
+        pool = await HTTPPool("127.0.0.1", spec["http_port"], size=int(spec.get("concurrency", 8))).start()
 
-        async def publish_nchan(topic: str, seq: int) -> None:
+        async def post(topic: str, seq: int) -> None:
             status, body = await pool.post(f"/pub/{topic}", tick(seq).encoded)
             if status not in (200, 201, 202):
                 raise RuntimeError(f"nchan publish answered {status}: {body[:200]!r}")
+
+        async def publish_nchan(batch: Sequence[tuple[str, int]]) -> None:
+            await asyncio.gather(*(post(topic, seq) for topic, seq in batch))
 
         async def close_pool() -> None:
             pool.close()
@@ -79,40 +88,43 @@ async def run(spec: dict[str, Any], start: Callable[[], Awaitable[None]]) -> dic
     publish, close = await _publisher(spec)
     errors = 0
     published = 0
+    topics: list[str] = spec["topics"]
+    deadline = time.monotonic() + spec.get("max_seconds", 60)
+
+    async def send(batch: Sequence[tuple[str, int]]) -> None:
+        nonlocal errors, published
+        try:
+            await publish(batch)
+            published += len(batch)
+        except Exception:
+            errors += len(batch)
+
     await start()
     first = time.time_ns()
-    deadline = time.monotonic() + spec.get("max_seconds", 60)
     try:
         if spec["mode"] == "rate":
-            topic = spec["topics"][0]
             rate = float(spec["rate"])
+            count = int(spec["count"])
             t0 = time.monotonic()
-            for seq in range(int(spec["count"])):
+            seq = 0
+            while seq < count and time.monotonic() < deadline:
                 delay = t0 + seq / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                if time.monotonic() > deadline:
-                    break
-                try:
-                    await publish(topic, seq)
-                    published += 1
-                except Exception:
-                    errors += 1
+                due = min(count, int((time.monotonic() - t0) * rate) + 1)  # every event whose time has come
+                await send([(topics[n % len(topics)], n) for n in range(seq, max(due, seq + 1))])
+                seq = max(due, seq + 1)
         else:
-            queue = list(enumerate(spec["topics"]))
-            queue.reverse()
+            size = int(spec.get("batch", 50))
+            batches = [[(topics[n], n) for n in range(i, min(i + size, len(topics)))]
+                       for i in range(0, len(topics), size)]
+            batches.reverse()
 
             async def worker() -> None:
-                nonlocal errors, published
-                while queue and time.monotonic() < deadline:
-                    seq, topic = queue.pop()
-                    try:
-                        await publish(topic, seq)
-                        published += 1
-                    except Exception:
-                        errors += 1
+                while batches and time.monotonic() < deadline:
+                    await send(batches.pop())
 
-            await asyncio.gather(*(worker() for _ in range(int(spec.get("concurrency", 16)))))
+            await asyncio.gather(*(worker() for _ in range(int(spec.get("concurrency", 4)))))
     finally:
         last = time.time_ns()
         await close()

@@ -61,13 +61,14 @@ class Sizes:
     d_step_seconds: float
     e_sizes: tuple[int, ...]
     e_c_subscribers: int
-    publish_concurrency: int = 16
+    c_rate: float = 5000.0  # the paced variant of C: the issue's target rate
+    connect_deadline: float = 25.0  # A and E: connections not made by then count as failed (keeps the run bounded)
     settle_seconds: float = 1.0  # after connecting, before memory is read
     quiet_seconds: float = 1.0  # no bytes for this long: every subscriber has all it will get
 
 
 FULL = Sizes(a_sizes=(1000, 10000), b_subscribers=1000, b_events=200, b_rate=50.0, c_subscribers=2000,
-             d_rooms=20, d_rates=(100, 250, 500, 750, 1000, 1500), d_step_seconds=3.0,
+             d_rooms=20, d_rates=(100, 250, 500, 750, 1000), d_step_seconds=2.5,
              e_sizes=(1000, 10000), e_c_subscribers=2000)
 QUICK = Sizes(a_sizes=(200, 1000), b_subscribers=200, b_events=50, b_rate=50.0, c_subscribers=500,
               d_rooms=10, d_rates=(50, 100, 250), d_step_seconds=1.5, e_sizes=(1000,), e_c_subscribers=500)
@@ -226,7 +227,7 @@ async def publish_and_wait(target: Target, group: Group, spec: dict[str, Any], w
     usage0 = target.tree().usage()
     publisher.go()
     stats = await publisher.result(spec["max_seconds"] + 30)
-    await quiesce(group, quiet=quiet, cap=15)
+    await quiesce(group, quiet=quiet, cap=10)
     usage1 = target.tree().usage()
     target.check_alive()
     return stats, usage1.cpu - usage0.cpu
@@ -239,7 +240,7 @@ def _mib(n: int) -> float:
 # A and E-A: idle capacity ---------------------------------------------------------------------
 
 async def idle_capacity(kind: TargetKind, target: Target, *, n: int, transport: str,
-                        settle: float = 1.0) -> dict[str, Any]:
+                        settle: float = 1.0, deadline: float = 25.0) -> dict[str, Any]:
     """Open ``n`` subscribers on distinct topics and weigh what they cost the server."""
     topics = [f"bench-a-{i}" for i in range(n)]
     factories = _factories(kind, target.port, _paths(kind, topics, transport), transport)
@@ -247,7 +248,7 @@ async def idle_capacity(kind: TargetKind, target: Target, *, n: int, transport: 
     await asyncio.sleep(settle / 2)
     tree, redis_tree = target.tree(), target.redis.tree()
     before, redis_before = tree.usage(), redis_tree.usage()
-    opened = await open_subscribers(HOST, target.port, factories)
+    opened = await open_subscribers(HOST, target.port, factories, deadline=deadline)
     await asyncio.sleep(settle)
     after, redis_after = tree.usage(), redis_tree.usage()
     target.check_alive()
@@ -309,11 +310,19 @@ def _rounded(summary: dict[str, float | None]) -> dict[str, float | None]:
 # C and E-C: many 1:1 topics -------------------------------------------------------------------
 
 async def many_topics(kind: TargetKind, target: Target, *, n: int, workdir: Path, transport: str,
-                      concurrency: int, quiet: float = 1.0) -> dict[str, Any]:
-    """``n`` subscribers each on its own topic, one event each, published as fast as it goes."""
+                      rate: float | None = None, quiet: float = 1.0) -> dict[str, Any]:
+    """``n`` subscribers each on its own topic, one event each.
+
+    Without ``rate`` the events go out as fast as the publisher goes (pipelined batches, so the
+    server, not the publisher, sets the pace); with it, paced at ``rate`` per second.
+    """
     topics = [f"bench-c-{i}" for i in range(n)]
     opened = await _open(kind, target, topics, transport)
-    spec = publisher_spec(kind, target, mode="each", topics=topics, concurrency=concurrency, max_seconds=60)
+    if rate is None:
+        spec = publisher_spec(kind, target, mode="burst", topics=topics, batch=50, concurrency=4, max_seconds=60)
+    else:
+        spec = publisher_spec(kind, target, mode="rate", topics=topics, count=n, rate=rate, concurrency=8,
+                              max_seconds=n / rate * 3 + 10)
     stats, cpu = await publish_and_wait(target, opened.group, spec, workdir, quiet=quiet)
     found, _ = count_ticks(opened.subscribers)
     close_all(opened.subscribers)
@@ -467,15 +476,19 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
     if "A" in selected:
         for n in sizes.a_sizes:
             out.append(Case("A", f"SSE idle x{n}", functools.partial(idle_capacity, n=n, transport="sse",
-                                                                          settle=sizes.settle_seconds)))
+                                                                          settle=sizes.settle_seconds,
+                                                                          deadline=sizes.connect_deadline)))
     if "B" in selected:
         out.append(Case("B", f"fan-out {sizes.b_subscribers} subs x {sizes.b_events} events @ {sizes.b_rate:g}/s",
                         lambda k, t: fan_out(k, t, n=sizes.b_subscribers, events=sizes.b_events, rate=sizes.b_rate,
                                              workdir=workdir_of(), quiet=sizes.quiet_seconds)))
     if "C" in selected:
-        out.append(Case("C", f"1:1 topics x{sizes.c_subscribers} (SSE)",
+        out.append(Case("C", f"1:1 topics x{sizes.c_subscribers} (SSE), as fast as it goes",
                         lambda k, t: many_topics(k, t, n=sizes.c_subscribers, workdir=workdir_of(), transport="sse",
-                                                 concurrency=sizes.publish_concurrency, quiet=sizes.quiet_seconds)))
+                                                 quiet=sizes.quiet_seconds)))
+        out.append(Case("C", f"1:1 topics x{sizes.c_subscribers} (SSE), paced {sizes.c_rate:,.0f}/s",
+                        lambda k, t: many_topics(k, t, n=sizes.c_subscribers, workdir=workdir_of(), transport="sse",
+                                                 rate=sizes.c_rate, quiet=sizes.quiet_seconds)))
     if "D" in selected:
         out.append(Case("D", f"POST->event, {sizes.d_rooms} room streams, steps {'/'.join(map(str, sizes.d_rates))}/s",
                         functools.partial(end_to_end, rooms=sizes.d_rooms, rates=sizes.d_rates,
@@ -483,9 +496,9 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
     if "E" in selected:
         for n in sizes.e_sizes:
             out.append(Case("E", f"WS idle x{n}", functools.partial(idle_capacity, n=n, transport="ws",
-                                                                         settle=sizes.settle_seconds)))
-        out.append(Case("E", f"1:1 topics x{sizes.e_c_subscribers} (WS)",
+                                                                         settle=sizes.settle_seconds,
+                                                                          deadline=sizes.connect_deadline)))
+        out.append(Case("E", f"1:1 topics x{sizes.e_c_subscribers} (WS), as fast as it goes",
                         lambda k, t: many_topics(k, t, n=sizes.e_c_subscribers, workdir=workdir_of(),
-                                                 transport="ws", concurrency=sizes.publish_concurrency,
-                                                 quiet=sizes.quiet_seconds)))
+                                                 transport="ws", quiet=sizes.quiet_seconds)))
     return out

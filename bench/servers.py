@@ -114,6 +114,14 @@ class ProcTree:
         return Usage(rss=rss, cpu=cpu_ticks / CLOCK_TICKS, processes=len(pids))
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy since boot (from /proc/stat)."""
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLOCK_TICKS
+
+
 # Processes -----------------------------------------------------------------------------------
 
 @dataclass
