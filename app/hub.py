@@ -195,6 +195,12 @@ class Subscriber:
         return batch
 
 
+def _members(subs: Subscriber | set[Subscriber] | None) -> Iterable[Subscriber]:
+    if subs is None:
+        return ()
+    return (subs,) if isinstance(subs, Subscriber) else subs
+
+
 class Hub:
     """Topic → local subscribers, over one broker subscription per topic."""
 
@@ -202,7 +208,9 @@ class Hub:
         self.broker = broker
         self.heartbeat = heartbeat
         self.slow_client_grace = slow_client_grace
-        self._topics: dict[str, set[Subscriber]] = {}
+        # a topic's one subscriber is kept bare: a set costs ~220 bytes, and most topics have one follower
+        # (an operation's stream, a user's own topic)
+        self._topics: dict[str, Subscriber | set[Subscriber]] = {}
         self._subscribers: set[Subscriber] = set()
         self._ready: dict[str, asyncio.Future[None]] = {}
         self._timer: asyncio.Task[None] | None = None
@@ -248,13 +256,17 @@ class Hub:
 
     def gap(self, topic: str, oldest: str | None) -> None:
         """Tell every local subscriber of ``topic`` that live events were lost beyond its history."""
-        for sub in self._topics.get(topic, ()):
+        for sub in _members(self._topics.get(topic)):
             sub.gap(topic, oldest)
 
     def dispatch(self, frame: Frame) -> None:
         """Hand a live frame to every local subscriber of its topic."""
         subs = self._topics.get(frame.topic)
-        if not subs:
+        if subs is None:
+            return
+        if isinstance(subs, Subscriber):
+            self.frames_dispatched += 1
+            subs.push(frame)
             return
         self.frames_dispatched += len(subs)
         for sub in subs:
@@ -269,12 +281,15 @@ class Hub:
         self._subscribers.add(sub)
         subs = self._topics.get(topic)
         if subs is not None:
-            subs.add(sub)
+            if isinstance(subs, set):
+                subs.add(sub)
+            elif subs is not sub:
+                self._topics[topic] = {subs, sub}
             ready = self._ready.get(topic)
             if ready is not None:
                 await asyncio.shield(ready)
             return
-        self._topics[topic] = {sub}
+        self._topics[topic] = sub
         ready = self._ready[topic] = asyncio.get_running_loop().create_future()
         try:
             await self.broker.subscribe(topic)
@@ -294,7 +309,12 @@ class Hub:
         subs = self._topics.get(topic)
         if subs is None:
             return
-        subs.discard(sub)
+        if isinstance(subs, set):
+            subs.discard(sub)
+        elif subs is sub:
+            subs = self._topics[topic] = set()  # empty, but kept while the first subscribe is in flight
+        else:
+            return
         if not subs and topic not in self._ready:
             del self._topics[topic]
             try:
