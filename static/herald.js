@@ -651,6 +651,8 @@ export class Stream {
       socket.onmessage = (message) => {
         const frame = parseJSON(message.data);
         if (frame.type === "subscribed" && frame.topic === this.topic) {
+          // the server names where a live subscription starts: resume from there, not live again
+          if (!this.cursor && frame.cursor) this.cursor = frame.cursor;
           attempt.opened = true;
           attempt.watch(null);
           this.#live("ws");

@@ -133,6 +133,12 @@ class EventStream(Response):
             await problem_response(HTTPProblem(503, "the broker is unreachable", kind="broker-unavailable",
                                                headers={"Retry-After": "2"}))(scope, receive, send)
             return
+        if any(c is None and not t.startswith("operations/") for c, t in zip(self.cursors, self.topics, strict=True)):
+            # A stream that starts live names its starting cursor at once (an id-only block sets an
+            # EventSource's lastEventId without dispatching), so a reconnect before the first event
+            # resumes from here instead of starting live again and missing what came meanwhile.
+            start = format_vector_cursor(positions) if vector else positions[0]
+            preamble.append(b"id: " + (start or "0-0").encode() + b"\n\n")
         sub.task = asyncio.current_task()
         watcher = DisconnectWatch(receive, sub)
         try:
@@ -460,7 +466,7 @@ class SocketSession:
             return
 
         def announce(start: str | None, page: HistoryPage | None) -> None:
-            self.sub.control(ws_message("subscribed", topic=topic, cursor=start, id=ref))
+            self.sub.control(ws_message("subscribed", topic=topic, cursor=start or "0-0", id=ref))
             if page is not None and page.truncated:
                 self.sub.control(ws_message("gap", topic=topic, cursor=cursor, oldest=page.oldest, detail=GAP_DETAIL))
 

@@ -113,11 +113,26 @@ async def test_the_same_stream_through_the_topic_endpoint_also_ends_on_the_termi
 async def test_heartbeat_comments_keep_an_idle_stream_alive(live: LiveHerald) -> None:
     async with sse_connect(live.client, await room_url(live, "quiet")) as stream:
         assert (await stream.next_block()).retry == 2000
+        assert (await stream.next_block()).fields == [("id", "0-0")]
         beat = await stream.next_block(timeout=3)
         assert beat.is_heartbeat
         assert beat.comments == [""]
         assert (await stream.next_block(timeout=3)).is_heartbeat
-    assert stream.raw == b"retry: 2000\n\n:\n\n:\n\n"
+    assert stream.raw == b"retry: 2000\n\nid: 0-0\n\n:\n\n:\n\n"
+
+
+async def test_a_live_stream_names_its_starting_cursor_so_an_early_reconnect_misses_nothing(live: LiveHerald) -> None:
+    url = await room_url(live, "early")
+    await publish(live, "chats/early", 1)  # before the stream: not replayed, but it moves the head
+    async with sse_connect(live.client, url) as stream:
+        assert (await stream.next_block()).retry == 2000
+        start = await stream.next_block()
+        assert start.fields and start.fields[0][0] == "id" and start.fields[0][1] != "0-0"
+    # the client went away before any event; one is published meanwhile
+    await publish(live, "chats/early", 1, start=1)
+    async with sse_connect(live.client, url, headers={"Last-Event-ID": start.fields[0][1]}) as again:
+        missed = await again.messages(1)
+    assert numbers(missed) == [1]
 
 
 async def test_a_domain_topic_starts_live_and_resumes_with_exactly_the_missed_events(live: LiveHerald) -> None:

@@ -62,7 +62,7 @@ async def test_the_room_websocket_url_subscribes_at_once_and_delivers_events(liv
     url = room["websocket_url"]
     assert url.startswith(f"{live.ws_url}/ws?topic=chats/wsroom&token=")
     async with connect(url, open_timeout=5, compression=None, proxy=None) as ws:
-        assert await receive(ws) == {"type": "subscribed", "topic": "chats/wsroom", "cursor": None, "id": None}
+        assert await receive(ws) == {"type": "subscribed", "topic": "chats/wsroom", "cursor": "0-0", "id": None}
         posted = (await live.send(room="wsroom", text="over the socket")).json()
         frame = await receive(ws)
     assert frame["type"] == "event"
@@ -76,7 +76,7 @@ async def test_the_room_websocket_url_subscribes_at_once_and_delivers_events(liv
 async def test_subscribe_ping_unsubscribe(live: LiveHerald) -> None:
     async with ws_connect(live) as ws:
         await send(ws, type="subscribe", topic="chats/s", token=token(live, "chats/s"), id="sub-1")
-        assert await receive(ws) == {"type": "subscribed", "topic": "chats/s", "cursor": None, "id": "sub-1"}
+        assert await receive(ws) == {"type": "subscribed", "topic": "chats/s", "cursor": "0-0", "id": "sub-1"}
         await send(ws, type="ping", id=42)
         assert await receive(ws) == {"type": "pong", "id": 42}
         (cursor,) = await publish(live, "chats/s", 1)
