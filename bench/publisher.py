@@ -1,7 +1,8 @@
 """The event publisher of scenarios B and C, run as its own process so it does not share a core's time
 with the subscribers' receive loop.
 
-``python -m bench.publisher SPEC_JSON`` connects, prints ``ready``, waits for ``go`` on stdin,
+``python -m bench.publisher`` reads its spec (one JSON line) on stdin, connects, prints ``ready``,
+waits for ``go`` on stdin,
 publishes, and prints one JSON line of statistics. Every event is the same CloudEvents envelope
 for every target, its ``data`` being ``{"seq": n, "t": publish_time_ns}`` stamped right before the
 publish call. Events due together go out together, as each target best takes a batch:
@@ -133,10 +134,10 @@ async def run(spec: dict[str, Any], start: Callable[[], Awaitable[None]]) -> dic
             "rate": (published - 1) / seconds if published > 1 and seconds > 0 else None}
 
 
-async def main(argv: list[str]) -> None:
+async def main() -> None:
     """Run one spec, synchronised with the bench through stdin and stdout."""
-    spec = orjson.loads(argv[0])
     loop = asyncio.get_running_loop()
+    spec = orjson.loads(await loop.run_in_executor(None, sys.stdin.readline))
 
     async def start() -> None:
         print("ready", flush=True)
@@ -151,4 +152,4 @@ async def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     import uvloop
 
-    uvloop.run(main(sys.argv[1:]))
+    uvloop.run(main())

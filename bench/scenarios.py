@@ -181,11 +181,12 @@ class Publisher:
         err = open(self.workdir / "publisher.log", "ab")  # noqa: ASYNC230 - a local file, opened once
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                PYTHON, "-m", "bench.publisher", orjson.dumps(self.spec).decode(), cwd=ROOT,
+                PYTHON, "-m", "bench.publisher", cwd=ROOT,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err, start_new_session=True)
         finally:
             err.close()
-        assert self.proc.stdout is not None
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.proc.stdin.write(orjson.dumps(self.spec) + b"\n")  # the spec can be too long for argv
         line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
         if line.strip() != b"ready":
             raise RuntimeError(f"publisher did not start: {line!r}\n{self._log()}")
