@@ -9,6 +9,7 @@ waiting. SSE needs one more small task, to notice the client going away (uvicorn
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -109,7 +110,8 @@ class EventStream(Response):
     """An SSE response that follows topics through the hub until the client leaves."""
 
     def __init__(self, gateway: Gateway, topics: list[str], cursors: list[str | None], *, end_on_terminal: bool):
-        super().__init__()
+        # no Response.__init__: a stream has no body or fixed headers to prepare, and lives as long as its client
+        self.background = None
         self.gateway = gateway
         self.topics = topics
         self.cursors = cursors
@@ -170,7 +172,7 @@ class EventStream(Response):
         return announce
 
     async def _pump(self, sub: Subscriber, send: Send, vector: bool, positions: list[str | None]) -> None:
-        index = {t: i for i, t in enumerate(self.topics)}
+        index = {t: i for i, t in enumerate(self.topics)} if vector else {}
         while True:
             batch = await sub.next_batch()
             if not batch:
@@ -204,6 +206,9 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
             if ended:
                 return
+
+
+_NO_CONTEXT = contextvars.Context()  # the watch reads no context variable: no copy of the caller's per connection
 
 
 class DisconnectWatch:
@@ -248,7 +253,7 @@ class DisconnectWatch:
             asyncio.get_running_loop().call_soon(self._step, None)
         else:  # a future, as a task would get it
             waiting._asyncio_future_blocking = False
-            waiting.add_done_callback(self._step)
+            waiting.add_done_callback(self._step, context=_NO_CONTEXT)
 
     def cancel(self) -> None:
         """Stop watching (the stream is over)."""
@@ -545,17 +550,13 @@ class EventStreamMiddleware:
             for route in self.routes:
                 match, child_scope = route.matches(scope)
                 if match is Match.FULL:
-                    scope.update(child_scope)
-                    await _serve_stream(route.endpoint, scope, receive, send)
+                    # the path parameters go to the handshake's own scope, not the one the stream keeps
+                    request = Request({**scope, **child_scope}, receive)
+                    try:
+                        response: Response = await route.endpoint(request)
+                    except HTTPProblem as exc:
+                        response = problem_response(exc)
+                    del request, child_scope  # the handshake is over; the stream needs none of it
+                    await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)
-
-
-async def _serve_stream(endpoint: Any, scope: Scope, receive: Receive, send: Send) -> None:
-    request = Request(scope, receive)
-    try:
-        response: Response = await endpoint(request)
-    except HTTPProblem as exc:
-        response = problem_response(exc)
-    del request  # the handshake is over; the stream needs none of it
-    await response(scope, receive, send)
