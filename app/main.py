@@ -194,7 +194,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     verifier = security.BearerVerifier.from_settings(settings)
     if verifier is not None:  # inside CORS, so preflights are answered without a token
         middleware.append(Middleware(security.BearerAuthMiddleware, verifier=verifier))
-    middleware.append(Middleware(push.EventStreamMiddleware))  # innermost: streams skip the router's layers
+    middleware.append(Middleware(push.PushMiddleware))  # innermost: streams and sockets skip the router's layers
     app = Starlette(
         routes=routes,
         middleware=middleware,
