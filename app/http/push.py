@@ -352,7 +352,7 @@ class SocketSession:
         self.url_token = _token(websocket)
         self.close_code = 1000
         self.close_reason = ""
-        self._commands: set[asyncio.Task[None]] = set()
+        self._commands: set[asyncio.Task[None]] | None = None  # made on the first command: most sockets send none
 
     async def run(self) -> None:
         """Serve the socket until either side ends it."""
@@ -368,7 +368,7 @@ class SocketSession:
                 raise
         finally:
             reader.cancel()
-            for task in self._commands:
+            for task in self._commands or ():
                 task.cancel()
             await self.gateway.hub.leave(self.sub)
         if self.sub.reason in ("slow-consumer", "shutdown"):
@@ -436,6 +436,8 @@ class SocketSession:
             self.sub.control(ws_message("unsubscribed", topic=frame.topic, id=frame.id))
         else:
             task = asyncio.ensure_future(self._command(frame.id, frame.command or {}))
+            if self._commands is None:
+                self._commands = set()
             self._commands.add(task)
             task.add_done_callback(self._commands.discard)
 
