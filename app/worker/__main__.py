@@ -78,5 +78,14 @@ async def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> int:
+    """Run :func:`main` on uvloop (installed with uvicorn[standard]) when it is there, else on asyncio."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+        return asyncio.run(main())
+    return uvloop.run(main())
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(run())
