@@ -116,13 +116,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """Build Herald's ASGI app from ``settings`` (default: the environment)."""
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
-    broker = create_broker(
-        settings.redis_url,
-        history_size=settings.history_size,
-        operation_ttl=settings.operation_ttl,
-        history_ttl=settings.history_ttl,
-        visibility_timeout=settings.visibility_timeout,
-    )
+    broker = create_broker(settings.redis_url, **settings.broker_options())
     hub = Hub(broker, heartbeat=settings.heartbeat, slow_client_grace=settings.slow_client_grace)
     metrics = Metrics(hub, broker)
     broker.set_sink(metrics.sink(hub.dispatch))

@@ -128,6 +128,15 @@ class Settings:
         """Whether commands need a bearer token."""
         return bool(self.jwt_secret or self.jwt_public_key)
 
+    def broker_options(self) -> dict[str, float]:
+        """The keyword options ``create_broker`` takes, from these settings."""
+        return {
+            "history_size": self.history_size,
+            "operation_ttl": self.operation_ttl,
+            "history_ttl": self.history_ttl,
+            "visibility_timeout": self.visibility_timeout,
+        }
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read every ``HERALD_*`` variable (and ``REDIS_URL``) from ``env`` (default: ``os.environ``)."""

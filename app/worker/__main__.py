@@ -50,13 +50,7 @@ async def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     spec = load_settings(args.settings)
-    broker = create_broker(
-        settings.redis_url,
-        history_size=settings.history_size,
-        operation_ttl=settings.operation_ttl,
-        history_ttl=settings.history_ttl,
-        visibility_timeout=settings.visibility_timeout,
-    )
+    broker = create_broker(settings.redis_url, **settings.broker_options())
     await broker.start()
     worker = Worker(
         broker,
