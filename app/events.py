@@ -254,7 +254,7 @@ def decode_event(raw: bytes | str) -> Event:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise EventError(f"not valid JSON: {exc}") from exc
-    encoded = raw.encode() if isinstance(raw, str) else bytes(raw)
-    if b"\n" in encoded or b"\r" in encoded:
+    encoded: bytes | None = raw.encode() if isinstance(raw, str) else bytes(raw)
+    if encoded is not None and (b"\n" in encoded or b"\r" in encoded):
         encoded = None
     return event_from_dict(doc, encoded=encoded)
