@@ -85,8 +85,8 @@ async def run_case(case: Case, kind: TargetKind, workdir: Path) -> Result:
         redis.stop()
         result.seconds = round(time.monotonic() - start, 1)
     if other > max(1.0, 0.1 * result.seconds):
-        result.notes.append(f"other processes on this machine used {other:.1f} CPU-s during this case "
-                            f"({result.seconds:.0f} s): its figures may be pessimistic")
+        result.notes.append(f"{other:.1f} CPU-s went to processes outside the bench during this case "
+                            f"({result.seconds:.0f} s): other programs, or the kernel's network threads")
     result.metrics["other_cpu_s"] = round(other, 2)
     return result
 
