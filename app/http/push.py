@@ -146,7 +146,23 @@ class EventStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b"".join(preamble), "more_body": True})
-            await self._pump(sub, send, vector, positions)
+            # the loop lives in this frame: a coroutine of its own would be one more frame per idle stream
+            index = {t: i for i, t in enumerate(self.topics)} if vector else {}
+            while True:
+                batch = await sub.next_batch()
+                if not batch:
+                    if sub.reason in RECONNECT_REASONS:
+                        last = format_vector_cursor(positions) if vector else positions[0]
+                        await send({"type": "http.response.body", "more_body": True, "body": sse_control(
+                            "herald.disconnect",
+                            {"reason": sub.reason, "detail": RECONNECT_REASONS[sub.reason], "reconnect": True,
+                             "cursor": last},
+                        )})
+                    break
+                body, ended = self._encode(batch, vector, positions, index)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                if ended:
+                    break
         except asyncio.CancelledError:
             if sub.reason != "slow-consumer":
                 raise
@@ -171,41 +187,27 @@ class EventStream(Response):
 
         return announce
 
-    async def _pump(self, sub: Subscriber, send: Send, vector: bool, positions: list[str | None]) -> None:
-        index = {t: i for i, t in enumerate(self.topics)} if vector else {}
-        while True:
-            batch = await sub.next_batch()
-            if not batch:
-                if sub.reason in RECONNECT_REASONS:
-                    last = format_vector_cursor(positions) if vector else positions[0]
-                    await send({"type": "http.response.body", "more_body": True, "body": sse_control(
-                        "herald.disconnect",
-                        {"reason": sub.reason, "detail": RECONNECT_REASONS[sub.reason], "reconnect": True,
-                         "cursor": last},
-                    )})
-                return
-            parts: list[bytes] = []
-            ended = False
-            for item in batch:
-                if item is HEARTBEAT:
-                    parts.append(SSE_HEARTBEAT)
-                    continue
-                if isinstance(item, Gap):
-                    parts.append(sse_control("herald.gap", _gap_fields(item)))
-                    continue
-                assert isinstance(item, Frame)
-                if vector:
-                    positions[index[item.topic]] = item.cursor
-                    parts.append(b"id: " + format_vector_cursor(positions).encode() + b"\n" + item.sse_tail)
-                else:
-                    positions[0] = item.cursor
-                    parts.append(item.sse)
-                if item.terminal and self.end_on_terminal:
-                    ended = True
-                    break
-            await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
-            if ended:
-                return
+    def _encode(self, batch: list[object], vector: bool, positions: list[str | None],
+                index: dict[str, int]) -> tuple[bytes, bool]:
+        """A batch as one SSE write, and whether it holds the terminal event that ends the stream."""
+        parts: list[bytes] = []
+        for item in batch:
+            if item is HEARTBEAT:
+                parts.append(SSE_HEARTBEAT)
+                continue
+            if isinstance(item, Gap):
+                parts.append(sse_control("herald.gap", _gap_fields(item)))
+                continue
+            assert isinstance(item, Frame)
+            if vector:
+                positions[index[item.topic]] = item.cursor
+                parts.append(b"id: " + format_vector_cursor(positions).encode() + b"\n" + item.sse_tail)
+            else:
+                positions[0] = item.cursor
+                parts.append(item.sse)
+            if item.terminal and self.end_on_terminal:
+                return b"".join(parts), True
+        return b"".join(parts), False
 
 
 _NO_CONTEXT = contextvars.Context()  # the watch reads no context variable: no copy of the caller's per connection
