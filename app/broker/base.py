@@ -203,8 +203,13 @@ class Broker(ABC):
         error: dict[str, Any] | None = None,
         location: str | None = None,
         traceparent: str | None = None,
+        current: Operation | None = None,
     ) -> Operation:
-        """Apply a checked status change and publish its status event, atomically."""
+        """Apply a checked status change and publish its status event, atomically.
+
+        ``current`` is the caller's latest copy of the operation, if it has one: a broker may start
+        from it instead of reading the operation first (a stale copy is found out and read again).
+        """
 
     @abstractmethod
     async def request_cancel(self, operation_id: str) -> Operation:

@@ -215,6 +215,7 @@ class MemoryBroker(Broker):
         error: dict[str, Any] | None = None,
         location: str | None = None,
         traceparent: str | None = None,
+        current: Operation | None = None,
     ) -> Operation:
         """Apply a checked status change, store it and publish its status event."""
         now = time.monotonic()

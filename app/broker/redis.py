@@ -480,25 +480,33 @@ class RedisBroker(Broker):
         error: dict[str, Any] | None = None,
         location: str | None = None,
         traceparent: str | None = None,
+        current: Operation | None = None,
     ) -> Operation:
-        """Check the move in Python, then store it and append its status event if nobody changed it meanwhile."""
+        """Check the move in Python, then store it and append its status event if nobody changed it meanwhile.
+
+        With ``current`` the first attempt skips the read: the script's version check refuses a stale copy.
+        """
 
         def change(current: Operation) -> tuple[Operation, Event | None]:
             updated = transition(current, status, result=result, error=error, location=location)
             return updated, status_event(updated, source=self.source, traceparent=traceparent)
 
-        return await self._update(operation_id, status, change)
+        return await self._update(operation_id, status, change, current)
 
     async def request_cancel(self, operation_id: str) -> Operation:
         """Set the cancel flag (no event: the worker that honours it publishes ``canceled``)."""
         return await self._update(operation_id, None, lambda current: (cancel_flag(current), None))
 
     async def _update(
-        self, operation_id: str, status: Status | None, change: Callable[[Operation], tuple[Operation, Event | None]]
+        self,
+        operation_id: str,
+        status: Status | None,
+        change: Callable[[Operation], tuple[Operation, Event | None]],
+        known: Operation | None = None,
     ) -> Operation:
         topic = operation_topic(operation_id)
         for _ in range(_CAS_ATTEMPTS):
-            current = await self.get_operation(operation_id)
+            current, known = known or await self.get_operation(operation_id), None
             if current is None:
                 raise OperationNotFound(operation_id)
             updated, event = change(current)  # raises IllegalTransition from the Python check

@@ -116,7 +116,7 @@ class Context:
 
     async def _finish(self, status: Status, **fields: Any) -> Operation:
         self.operation = await self.broker.transition(
-            self.operation.id, status, traceparent=self.event.traceparent, **fields
+            self.operation.id, status, traceparent=self.event.traceparent, current=self.operation, **fields
         )
         self.finished = True
         return self.operation
@@ -271,7 +271,8 @@ class Worker:
                     traceparent=event.traceparent,
                 )
                 return "ack"
-            operation = await self.broker.transition(op_id, Status.RUNNING, traceparent=event.traceparent)
+            operation = await self.broker.transition(op_id, Status.RUNNING, traceparent=event.traceparent,
+                                                     current=operation)
         except (IllegalTransition, OperationNotFound):
             return "ack"
         ctx = Context(self.broker, event, operation, source=self.source)

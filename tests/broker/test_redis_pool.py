@@ -1,4 +1,4 @@
-"""The Redis broker under load: a burst of calls queues for a connection; a followed topic's head is known."""
+"""The Redis broker saving work: a burst of calls queues for a connection; known heads and operations are not read."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from app.broker.redis import RedisBroker
-from tests.broker.helpers import event, eventually
+from app.operations import Operation, Status
+from tests.broker.helpers import command, event, eventually
 
 pytestmark = pytest.mark.redis
 
@@ -47,5 +48,32 @@ async def test_the_head_of_a_followed_topic_is_known_without_asking_redis(redis_
         assert await broker.head("followed") == second  # the newest handed over
         assert asked == []
         assert await broker.head("not-followed") is None and asked == ["not-followed"]
+    finally:
+        await broker.close()
+
+
+async def test_a_transition_from_the_callers_copy_skips_the_read_and_a_stale_copy_is_read_again(
+    redis_url: str,
+) -> None:
+    broker = RedisBroker(redis_url)
+    try:
+        operation, request = command()
+        await broker.accept(operation, request)
+        reads: list[str] = []
+        get_operation = broker.get_operation
+
+        async def counting(operation_id: str) -> Operation | None:
+            reads.append(operation_id)
+            return await get_operation(operation_id)
+
+        broker.get_operation = counting  # type: ignore[method-assign]
+        running = await broker.transition(operation.id, Status.RUNNING, current=operation)
+        assert running.status is Status.RUNNING and reads == []
+        await broker.request_cancel(operation.id)  # moves the version on: `running` is now stale
+        reads.clear()
+        done = await broker.transition(operation.id, Status.SUCCEEDED, result={"ok": 1}, current=running)
+        assert done.status is Status.SUCCEEDED and done.cancel_requested and reads == [operation.id]
+        stored = await get_operation(operation.id)
+        assert stored is not None and stored.status is Status.SUCCEEDED and stored.result == {"ok": 1}
     finally:
         await broker.close()
