@@ -18,7 +18,7 @@ from tests.support.redis_server import REDIS_SERVER, RedisServer
 def redis_server() -> Iterator[RedisServer]:
     """A redis-server started once for the session and stopped at its end."""
     if not shutil.which(REDIS_SERVER):
-        pytest.skip("redis-server is not installed (make test installs it)")
+        pytest.fail("redis-server is not installed: run the tests with `make test`, which installs it")
     server = RedisServer()
     server.start()
     yield server

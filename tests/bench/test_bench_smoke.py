@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.redis
 def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_path: Path) -> None:
     if not shutil.which("redis-server"):
-        pytest.skip("redis-server is not installed (make test installs it)")
+        pytest.fail("redis-server is not installed: run the tests with `make test`, which installs it")
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--tiny", "--targets", "herald,naive", "--scenarios", "A,B,C,D,E",
          "--out", str(tmp_path)],

@@ -19,7 +19,7 @@ def make_cluster() -> Iterator[Callable[..., Cluster]]:
     The processes' logs are printed at teardown, so pytest shows them when the test failed.
     """
     if not shutil.which(REDIS_SERVER):
-        pytest.skip("redis-server is not installed (make test installs it)")
+        pytest.fail("redis-server is not installed: run the tests with `make test`, which installs it")
     made: list[Cluster] = []
 
     def build(**options: Any) -> Cluster:
