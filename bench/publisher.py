@@ -16,7 +16,11 @@ publish call. Events due together go out together, as each target best takes a b
 Spec keys: ``kind``, ``redis_url``, ``http_port``, ``topics``, ``mode`` and ``max_seconds``.
 ``rate``: ``count`` events, event ``n`` on ``topics[n % len(topics)]`` at ``t0 + n / rate``.
 ``burst``: one event on every topic as fast as it goes, in batches of ``batch``, ``concurrency``
-batches at a time.
+batches at a time; ``rounds`` times (default 1), event ``r * len(topics) + i`` on ``topics[i]``
+in round ``r``. After each round but the last it prints ``round {json}`` (that round's
+``first_ns``, ``last_ns``, ``published``) and waits for ``go`` again, so the bench can let the
+subscribers drain before the next burst: one 2,000-event burst lasts about 0.1 s, too short
+for one sample to stand for the rate.
 """
 
 from __future__ import annotations
@@ -84,13 +88,19 @@ async def _publisher(spec: dict[str, Any]) -> tuple[Publish, Callable[[], Awaita
     raise ValueError(f"unknown publisher kind {kind!r}")
 
 
-async def run(spec: dict[str, Any], start: Callable[[], Awaitable[None]]) -> dict[str, Any]:
-    """Publish as ``spec`` says once ``start`` returns; the statistics of the run."""
+async def run(spec: dict[str, Any], start: Callable[[], Awaitable[None]],
+              between: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> dict[str, Any]:
+    """Publish as ``spec`` says once ``start`` returns; the statistics of the run.
+
+    In burst mode with ``rounds`` > 1, ``between`` gets each round's statistics but the last
+    one's and returns when the next round may start.
+    """
     publish, close = await _publisher(spec)
     errors = 0
     published = 0
     topics: list[str] = spec["topics"]
     deadline = time.monotonic() + spec.get("max_seconds", 60)
+    rounds: list[dict[str, Any]] = []
 
     async def send(batch: Sequence[tuple[str, int]]) -> None:
         nonlocal errors, published
@@ -99,6 +109,18 @@ async def run(spec: dict[str, Any], start: Callable[[], Awaitable[None]]) -> dic
             published += len(batch)
         except Exception:
             errors += len(batch)
+
+    async def burst(offset: int) -> None:
+        size = int(spec.get("batch", 50))
+        batches = [[(topics[n], offset + n) for n in range(i, min(i + size, len(topics)))]
+                   for i in range(0, len(topics), size)]
+        batches.reverse()
+
+        async def worker() -> None:
+            while batches and time.monotonic() < deadline:
+                await send(batches.pop())
+
+        await asyncio.gather(*(worker() for _ in range(int(spec.get("concurrency", 4)))))
 
     await start()
     first = time.time_ns()
@@ -116,22 +138,24 @@ async def run(spec: dict[str, Any], start: Callable[[], Awaitable[None]]) -> dic
                 await send([(topics[n % len(topics)], n) for n in range(seq, max(due, seq + 1))])
                 seq = max(due, seq + 1)
         else:
-            size = int(spec.get("batch", 50))
-            batches = [[(topics[n], n) for n in range(i, min(i + size, len(topics)))]
-                       for i in range(0, len(topics), size)]
-            batches.reverse()
-
-            async def worker() -> None:
-                while batches and time.monotonic() < deadline:
-                    await send(batches.pop())
-
-            await asyncio.gather(*(worker() for _ in range(int(spec.get("concurrency", 4)))))
+            total = max(1, int(spec.get("rounds", 1)))
+            for r in range(total):
+                if time.monotonic() >= deadline:
+                    break
+                before = published
+                round_first = time.time_ns()
+                await burst(r * len(topics))
+                rounds.append({"round": r, "first_ns": round_first, "last_ns": time.time_ns(),
+                               "published": published - before})
+                if r + 1 < total and between is not None:
+                    await between(rounds[-1])
     finally:
         last = time.time_ns()
         await close()
     seconds = (last - first) / 1e9
     return {"published": published, "errors": errors, "first_ns": first, "last_ns": last, "seconds": seconds,
-            "rate": (published - 1) / seconds if published > 1 and seconds > 0 else None}
+            "rate": (published - 1) / seconds if published > 1 and seconds > 0 else None,
+            "rounds": rounds or None}
 
 
 async def main() -> None:
@@ -145,7 +169,13 @@ async def main() -> None:
         if line.strip() != "go":
             raise SystemExit("publisher: expected 'go'")
 
-    stats = await run(spec, start)
+    async def between(stats: dict[str, Any]) -> None:
+        print("round " + orjson.dumps(stats).decode(), flush=True)
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if line.strip() != "go":
+            raise SystemExit("publisher: expected 'go'")
+
+    stats = await run(spec, start, between)
     print(orjson.dumps(stats).decode(), flush=True)
 
 

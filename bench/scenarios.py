@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Sizes:
     e_sizes: tuple[int, ...]
     e_c_subscribers: int
     c_rate: float = 5000.0  # the paced variant of C: the issue's target rate
+    c_rounds: int = 7  # C and E-C as fast as it goes: bursts of one event per topic; the median round counts
     connect_deadline: float = 25.0  # A and E: connections not made by then count as failed (keeps the run bounded)
     settle_seconds: float = 1.0  # after connecting, before memory is read
     quiet_seconds: float = 1.0  # no bytes for this long: every subscriber has all it will get
@@ -74,7 +76,7 @@ QUICK = Sizes(a_sizes=(200, 1000), b_subscribers=200, b_events=50, b_rate=50.0, 
               d_rooms=10, d_rates=(50, 100, 250), d_step_seconds=1.5, e_sizes=(1000,), e_c_subscribers=500)
 TINY = Sizes(a_sizes=(20,), b_subscribers=20, b_events=20, b_rate=50.0, c_subscribers=20,
              d_rooms=4, d_rates=(20,), d_step_seconds=1.0, e_sizes=(20,), e_c_subscribers=20,
-             settle_seconds=0.2, quiet_seconds=0.3)
+             settle_seconds=0.2, quiet_seconds=0.3, c_rounds=2)
 
 
 @dataclass
@@ -138,6 +140,7 @@ class Deliveries:
     out_of_order: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     last_arrival_ns: int = 0
+    by_seq: dict[int, list[int]] = field(default_factory=dict)  # seq -> [deliveries, last arrival ns]
 
 
 def count_ticks(subs: list[Subscriber]) -> tuple[Deliveries, list[set[int]]]:
@@ -156,6 +159,9 @@ def count_ticks(subs: list[Subscriber]) -> tuple[Deliveries, list[set[int]]]:
             out.delivered += 1
             out.latencies_ms.append((message.arrived_ns - data["t"]) / 1e6)
             out.last_arrival_ns = max(out.last_arrival_ns, message.arrived_ns)
+            tally = out.by_seq.setdefault(seq, [0, 0])
+            tally[0] += 1
+            tally[1] = max(tally[1], message.arrived_ns)
             if seq in seen:
                 out.duplicated += 1
             else:
@@ -196,11 +202,22 @@ class Publisher:
         assert self.proc is not None and self.proc.stdin is not None
         self.proc.stdin.write(b"go\n")
 
-    async def result(self, timeout: float) -> dict[str, Any]:
-        """Its statistics, once it is done (killed after ``timeout`` seconds)."""
+    async def result(self, timeout: float,
+                     between: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> dict[str, Any]:
+        """Its statistics, once it is done (killed after ``timeout`` seconds).
+
+        Between rounds (``round {json}`` lines) it awaits ``between`` and then lets it go on.
+        """
         assert self.proc is not None and self.proc.stdout is not None
+        end = time.monotonic() + timeout
         try:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+            while True:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), max(0.1, end - time.monotonic()))
+                if not line.startswith(b"round "):
+                    break
+                if between is not None:
+                    await between(orjson.loads(line[len(b"round "):]))
+                self.go()
             await asyncio.wait_for(self.proc.wait(), 10)
         except TimeoutError:
             self.proc.kill()
@@ -221,13 +238,20 @@ def publisher_spec(kind: TargetKind, target: Target, **spec: Any) -> dict[str, A
 
 async def publish_and_wait(target: Target, group: Group, spec: dict[str, Any], workdir: Path, *,
                            quiet: float) -> tuple[dict[str, Any], float]:
-    """Run the publisher, then wait until the subscribers are quiet; its statistics and the server's CPU seconds."""
+    """Run the publisher, then wait until the subscribers are quiet; its statistics and the server's CPU seconds.
+
+    Between the rounds of a burst, it waits until the subscribers are quiet, so rounds do not overlap.
+    """
     publisher = Publisher(spec, workdir)
     await publisher.start()
     await asyncio.sleep(quiet / 2)
     usage0 = target.tree().usage()
     publisher.go()
-    stats = await publisher.result(spec["max_seconds"] + 30)
+
+    async def between(_: dict[str, Any]) -> None:
+        await quiesce(group, quiet=min(quiet, 0.3), cap=10)
+
+    stats = await publisher.result(spec["max_seconds"] + 30, between)
     await quiesce(group, quiet=quiet, cap=10)
     usage1 = target.tree().usage()
     target.check_alive()
@@ -311,16 +335,20 @@ def _rounded(summary: dict[str, float | None]) -> dict[str, float | None]:
 # C and E-C: many 1:1 topics -------------------------------------------------------------------
 
 async def many_topics(kind: TargetKind, target: Target, *, n: int, workdir: Path, transport: str,
-                      rate: float | None = None, quiet: float = 1.0) -> dict[str, Any]:
+                      rate: float | None = None, rounds: int = 1, quiet: float = 1.0) -> dict[str, Any]:
     """``n`` subscribers each on its own topic, one event each.
 
     Without ``rate`` the events go out as fast as the publisher goes (pipelined batches, so the
-    server, not the publisher, sets the pace); with it, paced at ``rate`` per second.
+    server, not the publisher, sets the pace), ``rounds`` times with a quiet pause between: each
+    round's rate is its deliveries over the time from its first publish to its last arrival, and
+    the median round is the figure (a single 0.1 s burst is at the mercy of the scheduler). With
+    ``rate``, paced at ``rate`` per second, once.
     """
     topics = [f"bench-c-{i}" for i in range(n)]
     opened = await _open(kind, target, topics, transport)
     if rate is None:
-        spec = publisher_spec(kind, target, mode="burst", topics=topics, batch=50, concurrency=4, max_seconds=60)
+        spec = publisher_spec(kind, target, mode="burst", topics=topics, batch=50, concurrency=4, rounds=rounds,
+                              max_seconds=60)
     else:
         spec = publisher_spec(kind, target, mode="rate", topics=topics, count=n, rate=rate, concurrency=8,
                               max_seconds=n / rate * 3 + 10)
@@ -328,21 +356,48 @@ async def many_topics(kind: TargetKind, target: Target, *, n: int, workdir: Path
     found, _ = count_ticks(opened.subscribers)
     close_all(opened.subscribers)
     ready = sum(1 for s in opened.subscribers if s.ready_at)
-    span = (found.last_arrival_ns - stats["first_ns"]) / 1e9 if found.delivered else 0
+    per_round = _round_rates(found, stats.get("rounds") or [], n)
+    if per_round:
+        deliveries_per_s: float | None = statistics.median(r["deliveries_per_s"] for r in per_round)
+        publish_rate: float | None = statistics.median(r["publish_rate"] for r in per_round)
+    else:
+        span = (found.last_arrival_ns - stats["first_ns"]) / 1e9 if found.delivered else 0
+        deliveries_per_s = found.delivered / span if span > 0 else None
+        publish_rate = stats["rate"]
+    expected = ready * max(1, len(per_round))
     return {
         "subscribers": n,
         "connected": ready,
         "connect_s": round(opened.seconds, 2),
         "published": stats["published"],
-        "publish_rate": round(stats["rate"], 1) if stats["rate"] else None,
-        "expected": ready,
+        "rounds": len(per_round) or 1,
+        "publish_rate": round(publish_rate, 1) if publish_rate else None,
+        "expected": expected,
         "delivered": found.delivered,
-        "lost": ready - found.unique,
+        "lost": expected - found.unique,
         "duplicated": found.duplicated,
-        "deliveries_per_s": round(found.delivered / span, 1) if span > 0 else None,
+        "deliveries_per_s": round(deliveries_per_s, 1) if deliveries_per_s else None,
+        "round_rates": [round(r["deliveries_per_s"]) for r in per_round],
         **_rounded(latency_summary(found.latencies_ms)),
         "cpu_s": round(cpu, 2),
+        "cpu_us_per_delivery": round(cpu / found.delivered * 1e6, 1) if found.delivered else None,
     }
+
+
+def _round_rates(found: Deliveries, rounds: list[dict[str, Any]], n: int) -> list[dict[str, float]]:
+    """Each burst round's deliveries per second (first publish to last arrival) and publish rate."""
+    out = []
+    for r in rounds:
+        seqs = range(r["round"] * n, (r["round"] + 1) * n)
+        tallies = [found.by_seq[s] for s in seqs if s in found.by_seq]
+        if not tallies:
+            continue
+        span = (max(t[1] for t in tallies) - r["first_ns"]) / 1e9
+        publish_span = (r["last_ns"] - r["first_ns"]) / 1e9
+        if span > 0 and publish_span > 0:
+            out.append({"deliveries_per_s": sum(t[0] for t in tallies) / span,
+                        "publish_rate": r["published"] / publish_span})
+    return out
 
 
 # D: end to end ------------------------------------------------------------------------------
@@ -486,7 +541,7 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
     if "C" in selected:
         out.append(Case("C", f"1:1 topics x{sizes.c_subscribers} (SSE), as fast as it goes",
                         lambda k, t: many_topics(k, t, n=sizes.c_subscribers, workdir=workdir_of(), transport="sse",
-                                                 quiet=sizes.quiet_seconds)))
+                                                 rounds=sizes.c_rounds, quiet=sizes.quiet_seconds)))
         out.append(Case("C", f"1:1 topics x{sizes.c_subscribers} (SSE), paced {sizes.c_rate:,.0f}/s",
                         lambda k, t: many_topics(k, t, n=sizes.c_subscribers, workdir=workdir_of(), transport="sse",
                                                  rate=sizes.c_rate, quiet=sizes.quiet_seconds)))
@@ -501,5 +556,6 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
                                                                           deadline=sizes.connect_deadline)))
         out.append(Case("E", f"1:1 topics x{sizes.e_c_subscribers} (WS), as fast as it goes",
                         lambda k, t: many_topics(k, t, n=sizes.e_c_subscribers, workdir=workdir_of(),
-                                                 transport="ws", quiet=sizes.quiet_seconds)))
+                                                 transport="ws", rounds=sizes.c_rounds,
+                                                 quiet=sizes.quiet_seconds)))
     return out

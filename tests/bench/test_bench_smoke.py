@@ -49,6 +49,11 @@ def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_p
             assert m["lost"] == m["duplicated"] == 0
             assert m.get("out_of_order", 0) == 0
             assert 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"]
+    bursts = [r["metrics"] for r in rows if "as fast" in r["variant"]]
+    assert len(bursts) == 4  # C and the WebSocket C, on both targets: two rounds of one event per topic each
+    for m in bursts:
+        assert m["rounds"] == 2 and m["expected"] == 2 * 20 and len(m["round_rates"]) == 2, m
+        assert m["cpu_us_per_delivery"] is not None
     b = next(r for r in rows if r["scenario"] == "B" and r["target"] == "herald")["metrics"]
     assert b["expected"] == 20 * 20 and b["publish_rate"] > 40
     [summary] = [r for r in lines if r.get("summary")]
