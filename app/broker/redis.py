@@ -41,8 +41,10 @@ history after the last cursor it delivered (or the topic's head when it was subs
 if it was empty then, when it delivered nothing yet) and hands those frames over before any
 live one, dropping duplicates by cursor. A gap longer than the history is logged and reported
 to the gap sink first (the hub tells the topic's clients: SSE ``herald.gap``, WebSocket
-``gap``), then what is still kept follows. An idle pub/sub connection is PINGed every
-``health_interval``; no answer means reconnect. Every other call fails fast with
+``gap``), then what is still kept follows. The reader's reads carry no timeout (a timer per
+message cost a tenth of the gateway's CPU per delivery); a watchdog task PINGs the connection
+after ``health_interval`` without a reply and closes it if the next interval is silent too,
+which makes the reader reconnect. Every other call fails fast with
 :class:`BrokerUnavailable`: no client retries, because replaying a write whose reply was
 lost could queue a command twice.
 
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -295,6 +298,7 @@ class RedisBroker(Broker):
         self._pubsub: AbstractConnection | None = None
         self._pubsub_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
+        self._received = 0  # replies read off pub/sub connections: the watchdog's sign of life
 
     # Lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -714,18 +718,39 @@ class RedisBroker(Broker):
             self._on_reply(reply)
 
     async def _pump(self, conn: AbstractConnection) -> None:
-        awaiting_pong = False
+        # Reads block without a timeout: a per-read timeout (a timer armed and cancelled for every
+        # message) was a tenth of the gateway's CPU per delivery. The watchdog tells a quiet connection
+        # from a dead one instead.
+        stalled = asyncio.Event()
+        watchdog = asyncio.create_task(self._watch(conn, stalled), name="redis-broker-pubsub-watchdog")
+        read, on_reply = conn.read_response, self._on_reply
+        try:
+            while True:
+                reply = await read(timeout=math.inf)
+                self._received += 1
+                on_reply(reply)
+        except (RedisError, OSError) as exc:
+            if stalled.is_set():
+                raise RedisConnectionError("the pub/sub connection stopped answering") from exc
+            raise
+        finally:
+            watchdog.cancel()
+
+    async def _watch(self, conn: AbstractConnection, stalled: asyncio.Event) -> None:
+        """PING the connection after ``health_interval`` without a reply; close it if the next one is silent too."""
+        seen, pinged = self._received, False
         while True:
-            reply = await conn.read_response(timeout=self._health_interval)
-            if reply is None:
-                if awaiting_pong:
-                    raise RedisConnectionError("the pub/sub connection stopped answering")
-                async with self._pubsub_lock:
-                    await conn.send_command("PING")
-                awaiting_pong = True
+            await asyncio.sleep(self._health_interval)
+            if self._received != seen:
+                seen, pinged = self._received, False
                 continue
-            awaiting_pong = False
-            self._on_reply(reply)
+            if pinged:
+                stalled.set()
+                await conn.disconnect(nowait=True)  # the pump's pending read fails, and the reader reconnects
+                return
+            async with self._pubsub_lock:
+                await conn.send_command("PING")
+            pinged = True
 
     def _on_reply(self, reply: Any) -> None:
         if not isinstance(reply, list) or len(reply) < 3:

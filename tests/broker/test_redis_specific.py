@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -152,6 +154,31 @@ async def test_subscriber_gets_what_was_published_while_it_was_cut_off_then_live
     assert [f.cursor for f in frames] == cursors
     history = await publisher.read("chats/outage", None, limit=len(cursors))
     assert [f.encoded for f in frames] == [s.event.encoded for s in history.events]
+
+
+async def test_a_pubsub_connection_that_stops_answering_is_replaced(
+    own_server: RedisServer, make: Callable[..., RedisBroker]
+) -> None:
+    # SIGSTOP: the socket stays open but nothing answers, as with a hung server or a dead peer
+    # behind a NAT. Only the watchdog's PING can tell; without it the old connection would simply
+    # resume after SIGCONT and no reconnection would happen.
+    listener = make(own_server.url(), health_interval=0.2, socket_timeout=1.0)
+    frames: list[Frame] = []
+    listener.set_sink(frames.append)
+    await listener.subscribe("chats/hung")
+    assert own_server.process is not None
+    os.kill(own_server.process.pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(1.0)  # well past two health intervals
+    finally:
+        os.kill(own_server.process.pid, signal.SIGCONT)
+    await eventually(lambda: listener.reconnects >= 1)
+    await eventually(lambda: "chats/hung" in listener._confirmed)
+    publisher = make(own_server.url())
+    cursor = await publisher.publish("chats/hung", event(1))
+    await eventually(lambda: len(frames) == 1)
+    assert frames[0].cursor == cursor
+    assert len(pubsub_clients(own_server)) == 1  # the stalled connection was closed, not left behind
 
 
 async def test_publish_on_one_instance_reaches_the_sink_of_another(
