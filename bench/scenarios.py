@@ -245,7 +245,7 @@ async def publish_and_wait(target: Target, group: Group, spec: dict[str, Any], w
     publisher = Publisher(spec, workdir)
     await publisher.start()
     await asyncio.sleep(quiet / 2)
-    usage0 = target.tree().usage()
+    usage0, redis0, ours0 = target.tree().usage(), target.redis.tree().usage(), time.process_time()
     publisher.go()
 
     async def between(_: dict[str, Any]) -> None:
@@ -253,8 +253,10 @@ async def publish_and_wait(target: Target, group: Group, spec: dict[str, Any], w
 
     stats = await publisher.result(spec["max_seconds"] + 30, between)
     await quiesce(group, quiet=quiet, cap=10)
-    usage1 = target.tree().usage()
+    usage1, redis1, ours1 = target.tree().usage(), target.redis.tree().usage(), time.process_time()
     target.check_alive()
+    # the other parties' CPU over the same window: Redis, and this process (the subscribers' receive loop)
+    stats["redis_cpu_s"], stats["loadgen_cpu_s"] = redis1.cpu - redis0.cpu, ours1 - ours0
     return stats, usage1.cpu - usage0.cpu
 
 
@@ -380,8 +382,16 @@ async def many_topics(kind: TargetKind, target: Target, *, n: int, workdir: Path
         "round_rates": [round(r["deliveries_per_s"]) for r in per_round],
         **_rounded(latency_summary(found.latencies_ms)),
         "cpu_s": round(cpu, 2),
-        "cpu_us_per_delivery": round(cpu / found.delivered * 1e6, 1) if found.delivered else None,
+        "cpu_us_per_delivery": _per(cpu, found.delivered),
+        # what the rest of the pipeline spent per delivery, on the same two cores
+        "publisher_cpu_us_per_delivery": _per(stats.get("cpu_s"), found.delivered),
+        "redis_cpu_us_per_delivery": _per(stats.get("redis_cpu_s"), found.delivered),
+        "loadgen_cpu_us_per_delivery": _per(stats.get("loadgen_cpu_s"), found.delivered),
     }
+
+
+def _per(cpu_s: float | None, deliveries: int) -> float | None:
+    return round(cpu_s / deliveries * 1e6, 1) if cpu_s is not None and deliveries else None
 
 
 def _round_rates(found: Deliveries, rounds: list[dict[str, Any]], n: int) -> list[dict[str, float]]:

@@ -560,11 +560,20 @@ class RedisBroker(Broker):
         with _reachable(self):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for topic, event in items:
-                    ttl = self.operation_ttl if topic.startswith("operations/") else self.history_ttl
-                    pipe.evalsha(self._publish_script.sha, 1, _key("topic", topic), self.history_size + 1, _ms(ttl),
-                                 event.type, event.encoded)
+                    pipe.execute_command(*self.publish_command(topic, event.type, event.encoded))
                 cursors = await pipe.execute()
         return [_text(c) for c in cursors]
+
+    def publish_command(self, topic: str, event_type: str, encoded: bytes) -> tuple[str | bytes | int, ...]:
+        """The one Redis command that appends an encoded event to ``topic`` and PUBLISHes it.
+
+        ``EVALSHA`` of the publish script, which Redis must have: :meth:`publish` and :meth:`publish_many`
+        load it when it is missing. The benchmark's publisher sends exactly this over its own
+        connection, so what it writes is what Herald's workers write.
+        """
+        ttl = self.operation_ttl if topic.startswith("operations/") else self.history_ttl
+        return ("EVALSHA", self._publish_script.sha, 1, _key("topic", topic), self.history_size + 1, _ms(ttl),
+                event_type, encoded)
 
     async def read(self, topic: str, after: str | None, *, limit: int = 1000) -> HistoryPage:
         """Kept events after a cursor; ``truncated`` when the sentinel (newest dropped) is newer."""
