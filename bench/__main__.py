@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -109,6 +110,7 @@ async def main(argv: list[str] | None = None) -> int:
     begun = time.monotonic()
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     results: list[Result] = []
+    floor = _write_floor(sizes.c_subscribers) if "C" in selected else None
     with tempfile.TemporaryDirectory(prefix="herald-bench-") as tmp:
         counter = iter(range(10**6))
         workdir = Path(tmp)
@@ -141,11 +143,24 @@ async def main(argv: list[str] | None = None) -> int:
         "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}, fd limit {nofile}",
         "seconds": time.monotonic() - begun,
         "targets": _describe(kinds),
+        "write_floor": floor,
     }
     table = write(args.out, results, meta, [k.name for k in kinds])
     print(table.read_text())
     print(f"bench: table in {table}, JSON lines in {args.out / 'runs.jsonl'}")
     return 1 if any(r.error and not r.error.startswith("skipped") for r in results) else 0
+
+
+def _write_floor(connections: int) -> dict[str, float] | None:
+    """``python -m bench.floor``: the kernel's CPU per write to one of ``connections`` loopback sockets."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.floor", "--connections", str(connections)],
+                              capture_output=True, text=True, timeout=60, cwd=servers.ROOT)
+        floor: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return floor
+    except (subprocess.SubprocessError, ValueError, IndexError) as exc:
+        print(f"bench: the write floor was not measured: {exc}", file=sys.stderr)
+        return None
 
 
 def _headline(result: Result) -> str:

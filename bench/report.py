@@ -151,6 +151,34 @@ def checks(results: list[Result], sizes_full: bool) -> list[Check]:
 
 # Writing -------------------------------------------------------------------------------------------
 
+PARTIES = [("cpu_us_per_delivery", "server (gateway + worker)"), ("redis_cpu_us_per_delivery", "Redis"),
+           ("publisher_cpu_us_per_delivery", "publisher (bench)"),
+           ("loadgen_cpu_us_per_delivery", "subscribers (bench)")]
+
+
+def _c_budget(results: list[Result], meta: dict[str, Any]) -> list[str]:
+    """Scenario C's CPU per delivery, party by party, and the kernel's floor under the server's share."""
+    rows = [r for r in results if r.scenario == "C" and "as fast" in r.variant and not r.error]
+    if not rows:
+        return []
+    lines = ["### C as fast as it goes: CPU µs per delivery, by party", "",
+             "All parties share the machine's cores, so a delivery rate cannot exceed cores x 10^6 / (their sum).",
+             "", "| party | " + " | ".join(r.target for r in rows) + " |", "|" + " --- |" * (len(rows) + 1)]
+    for key, label in PARTIES:
+        lines.append(f"| {label} | " + " | ".join(_fmt(r.metrics.get(key)) for r in rows) + " |")
+    sums = [sum(r.metrics.get(k) or 0 for k, _ in PARTIES) for r in rows]
+    lines.append("| **sum** | " + " | ".join(_fmt(round(x, 1)) for x in sums) + " |")
+    lines.append("| deliveries / s (median round) | " + " | ".join(_fmt(r.metrics.get("deliveries_per_s"))
+                                                                  for r in rows) + " |")
+    floor = meta.get("write_floor")
+    if floor:
+        lines += ["", f"Kernel floor, same run (`python -m bench.floor`): one {floor['size']}-byte write to one of "
+                  f"{floor['connections']:,} loopback TCP connections read by another process costs "
+                  f"{_fmt(floor['us_per_write'])} µs of CPU ({_fmt(floor['system_us_per_write'])} µs in the kernel). "
+                  "Every server pays at least that per delivery in C."]
+    return [*lines, ""]
+
+
 def markdown(results: list[Result], meta: dict[str, Any], targets: list[str]) -> str:
     """The table of a run: Herald and each baseline side by side, with Herald's ratios."""
     baselines = [t for t in targets if t != "herald"]
@@ -171,6 +199,7 @@ def markdown(results: list[Result], meta: dict[str, Any], targets: list[str]) ->
             met = "n/a (not at full size)" if c.met is None else ("yes" if c.met else "**no**")
             lines.append(f"| {c.scenario} | {c.required} | {c.measured} | {met} |")
         lines.append("")
+    lines += _c_budget(results, meta)
     lines += ["## Results", ""]
     head = ["scenario", "metric", *targets, *(f"herald/{b}" for b in baselines if "herald" in targets)]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
