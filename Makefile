@@ -19,5 +19,5 @@ lint:
 	.venv/bin/mypy
 
 bench:
-	scripts/bootstrap test
+	scripts/bootstrap bench
 	.venv/bin/python -m bench
