@@ -327,6 +327,7 @@ async def fan_out(kind: TargetKind, target: Target, *, n: int, events: int, rate
         "out_of_order": found.out_of_order,
         **_rounded(latency_summary(found.latencies_ms)),
         "cpu_s": round(cpu, 2),
+        **_parties(cpu, stats, found.delivered),
     }
 
 
@@ -382,11 +383,17 @@ async def many_topics(kind: TargetKind, target: Target, *, n: int, workdir: Path
         "round_rates": [round(r["deliveries_per_s"]) for r in per_round],
         **_rounded(latency_summary(found.latencies_ms)),
         "cpu_s": round(cpu, 2),
-        "cpu_us_per_delivery": _per(cpu, found.delivered),
-        # what the rest of the pipeline spent per delivery, on the same two cores
-        "publisher_cpu_us_per_delivery": _per(stats.get("cpu_s"), found.delivered),
-        "redis_cpu_us_per_delivery": _per(stats.get("redis_cpu_s"), found.delivered),
-        "loadgen_cpu_us_per_delivery": _per(stats.get("loadgen_cpu_s"), found.delivered),
+        **_parties(cpu, stats, found.delivered),
+    }
+
+
+def _parties(cpu: float, stats: dict[str, Any], delivered: int) -> dict[str, float | None]:
+    """CPU µs per delivery of the server and of the rest of the pipeline, on the same cores."""
+    return {
+        "cpu_us_per_delivery": _per(cpu, delivered),
+        "publisher_cpu_us_per_delivery": _per(stats.get("cpu_s"), delivered),
+        "redis_cpu_us_per_delivery": _per(stats.get("redis_cpu_s"), delivered),
+        "loadgen_cpu_us_per_delivery": _per(stats.get("loadgen_cpu_s"), delivered),
     }
 
 
