@@ -8,14 +8,26 @@ gateway process holding the same secret accepts it.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import jwt
+import orjson
 
 _ALGORITHM = "HS256"
 _AUDIENCE = "herald:subscribe"
+
+
+def _b64(raw: bytes) -> bytes:
+    """base64url without padding (RFC 7515)."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=")
+
+
+_HEADER = _b64(b'{"alg":"HS256","typ":"JWT"}')
 
 
 class TokenError(Exception):
@@ -47,6 +59,7 @@ class TokenSigner:
         if len(secret) < 16:
             raise ValueError("HERALD_SECRET must be at least 16 characters")
         self._secret = secret
+        self._key = secret.encode()
         self.ttl = ttl
 
     def issue(self, topics: Iterable[str], *, subject: str | None = None, ttl: int | None = None) -> str:
@@ -60,7 +73,12 @@ class TokenSigner:
         }
         if subject is not None:
             claims["sub"] = subject
-        return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
+        # Signed here rather than by jwt.encode: every 202 carries a token, and PyJWT's generic path
+        # (key checks, json with sorted separators) cost 60 µs a token against 5 µs for these lines.
+        # Verification stays with PyJWT (algorithm pinning, audience, expiry).
+        signing_input = _HEADER + b"." + _b64(orjson.dumps(claims))
+        signature = hmac.new(self._key, signing_input, hashlib.sha256).digest()
+        return (signing_input + b"." + _b64(signature)).decode()
 
     def verify(self, token: str | None) -> Grant:
         """The grant of a valid token; :class:`TokenError` (401) otherwise."""
