@@ -111,6 +111,7 @@ async def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     results: list[Result] = []
     floor = _write_floor(sizes.c_subscribers) if "C" in selected else None
+    probe = speed_probe()
     with tempfile.TemporaryDirectory(prefix="herald-bench-") as tmp:
         counter = iter(range(10**6))
         workdir = Path(tmp)
@@ -140,7 +141,9 @@ async def main(argv: list[str] | None = None) -> int:
         "started": started,
         "command": "make bench" if mode_name == "full" and argv is None and not sys.argv[1:] else command.strip(),
         "commit": _commit(),
-        "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}, fd limit {nofile}",
+        "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}, fd limit {nofile}, "
+                   f"speed probe {probe:.0f} ms",
+        "speed_probe_ms": probe,
         "seconds": time.monotonic() - begun,
         "targets": _describe(kinds),
         "write_floor": floor,
@@ -149,6 +152,22 @@ async def main(argv: list[str] | None = None) -> int:
     print(table.read_text())
     print(f"bench: table in {table}, JSON lines in {args.out / 'runs.jsonl'}")
     return 1 if any(r.error and not r.error.startswith("skipped") for r in results) else 0
+
+
+def speed_probe() -> float:
+    """Milliseconds for a fixed pure-Python workload (best of three): how fast this machine is today.
+
+    The same commit measured on the same kind of machine on different days differed by 1.5x in
+    server CPU; this figure, printed with every run, tells such runs apart.
+    """
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        total = 0
+        for i in range(2_000_000):
+            total += i & 7
+        best = min(best, time.perf_counter() - start)
+    return round(best * 1000, 1)
 
 
 def _write_floor(connections: int) -> dict[str, float] | None:

@@ -59,6 +59,7 @@ def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_p
     [summary] = [r for r in lines if r.get("summary")]
     assert summary["mode"] == "tiny" and {c["scenario"] for c in summary["checks"]} == {"A", "B", "C", "D"}
     assert summary["write_floor"]["connections"] == 20 and summary["write_floor"]["us_per_write"] >= 0
+    assert summary["speed_probe_ms"] > 0
     table = (tmp_path / "latest-tiny.md").read_text()
     assert "| scenario | metric | herald | naive | herald/naive |" in table
     assert "| A: SSE idle x20 | connected | 20 | 20 | 1.00x |" in table
