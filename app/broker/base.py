@@ -169,7 +169,9 @@ class Broker(ABC):
     ) -> list[Delivery]:
         """Up to ``count`` request events of these types for this consumer, waiting up to ``block`` s.
 
-        Events handed out earlier and not acknowledged within the visibility timeout come first.
+        Events handed out earlier and not acknowledged within the visibility timeout come first, once the
+        broker has looked for them: it may do so only every fraction of a second while new events keep
+        coming (RedisBroker: at most once per blocking slice, always when no new event was found).
         """
 
     @abstractmethod
@@ -263,3 +265,12 @@ class Broker(ABC):
     @abstractmethod
     async def get_resource(self, path: str) -> dict[str, Any] | None:
         """The document stored under a resource path, or ``None``."""
+
+    @abstractmethod
+    async def put_resource_if_absent(self, path: str, document: dict[str, Any], *, ttl: int) -> dict[str, Any]:
+        """Store ``document`` for ``ttl`` seconds unless a document is stored under ``path`` already; atomic.
+
+        Returns the document now stored there: the earlier one (unchanged, its TTL too) or ``document``.
+        A redelivered handler so keeps what its first run stored, in one round trip instead of a
+        get and a put.
+        """

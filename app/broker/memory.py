@@ -325,3 +325,12 @@ class MemoryBroker(Broker):
         if entry is None or entry[1] <= time.monotonic():
             return None
         return entry[0]
+
+    async def put_resource_if_absent(self, path: str, document: dict[str, Any], *, ttl: int) -> dict[str, Any]:
+        """The live document under ``path``, or ``document`` after storing it for ``ttl`` seconds."""
+        now = time.monotonic()
+        entry = self._resources.get(path)
+        if entry is not None and entry[1] > now:
+            return entry[0]
+        self._resources[path] = (document, now + ttl)
+        return document

@@ -32,8 +32,13 @@ so it cannot tell; checked by experiment.)
 
 Request events: ``consume`` runs XAUTOCLAIM (idle > visibility_timeout, with the real
 delivery counts from XPENDING, in one script) and then XREADGROUP ``>``, blocking in slices
-of at most 1 s so reclaimed and released work is seen while it waits. ``release`` re-claims
-the entry as idle for a year, so the next XAUTOCLAIM anywhere takes it.
+of at most 1 s so reclaimed and released work is seen while it waits. The reclaim is a round
+trip of its own, so a busy consumer runs it at most once per slice length (per consumer and
+set of streams); it runs at once again when XREADGROUP found nothing new, when the reclaim
+filled the whole ``count`` (more may be waiting), and after this instance gave an entry back.
+A dead worker's job is so handed out within one slice (<= 1 s) of its visibility timeout,
+by any consumer that is taking work.
+``release`` re-claims the entry as idle for a year, so the next XAUTOCLAIM anywhere takes it.
 
 Reconnection: the reader task retries with a backoff of 0.1 s to 2 s; on reconnect it
 subscribes every wanted topic again, waits for the confirmations, then reads each topic's
@@ -289,6 +294,9 @@ class RedisBroker(Broker):
         self._reclaim_script = self._redis.register_script(_RECLAIM_LUA)
         self._extend_script = self._redis.register_script(_EXTEND_LUA)
         self._groups: set[str] = set()
+        # When consume() next runs the reclaim script, per (consumer, request streams): see consume().
+        # No entry (or 0.0) means "at once"; clearing the dict makes every consumer's reclaim due.
+        self._reclaim_at: dict[tuple[str, tuple[str, ...]], float] = {}
         # Fan-out state: topics wanted, confirmed on the current connection, and positions.
         self._wanted: set[str] = set()
         self._confirmed: set[str] = set()
@@ -357,21 +365,34 @@ class RedisBroker(Broker):
     async def consume(
         self, types: Sequence[str], consumer: str, *, count: int = 1, block: float = 1.0
     ) -> list[Delivery]:
-        """Reclaimed deliveries first, then new ones, waiting up to ``block`` seconds in short slices."""
+        """Reclaimed deliveries first, then new ones, waiting up to ``block`` seconds in short slices.
+
+        The reclaim (XAUTOCLAIM) runs when due: at most once per slice length while XREADGROUP keeps
+        finding new work, at once after it found none, after a reclaim that filled ``count`` and after
+        this instance gave an entry back (see the module docstring).
+        """
         if not types or count < 1:
             return []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + block
         keys = {_key("req", t): t for t in types}
+        state = (consumer, tuple(keys))
         regrouped = False
         while True:
             try:
                 with _reachable(self):
                     await self._ensure_groups(keys)
-                    out = await self._reclaim(keys, consumer, count)
+                    out: list[Delivery] = []
+                    if loop.time() >= self._reclaim_at.get(state, 0.0):
+                        out = await self._reclaim(keys, consumer, count)
+                        # a full reclaim may have left more behind: look again next time
+                        self._reclaim_at[state] = 0.0 if len(out) >= count else loop.time() + self._poll
                     if len(out) < count:
                         wait = min(max(0.0, deadline - loop.time()), self._poll)
-                        out += await self._read_new(keys, consumer, count - len(out), wait)
+                        new = await self._read_new(keys, consumer, count - len(out), wait)
+                        if not new:
+                            self._reclaim_at[state] = 0.0  # idle: look for abandoned work before waiting again
+                        out += new
             except ResponseError as exc:
                 # NOGROUP: the group vanished (a Redis without persistence restarted); make it once more
                 if "NOGROUP" not in str(exc) or regrouped:
@@ -419,6 +440,7 @@ class RedisBroker(Broker):
             if extra:  # several streams answered: give back what exceeds count, as never handed out
                 await self._redis.xclaim(key, GROUP, _RELEASED, 0, [e[0] for e in extra],
                                          idle=_LONG_IDLE_MS, retrycount=0, justid=True)
+                self._reclaim_at.clear()  # only a reclaim hands them out: make it due everywhere
         return out
 
     async def _deliveries(
@@ -455,6 +477,7 @@ class RedisBroker(Broker):
             # JUSTID: the count is not raised now; the reclaim that hands it out raises it
             await self._redis.xclaim(_key("req", type_), GROUP, _RELEASED, 0, [entry_id],
                                      idle=_LONG_IDLE_MS, justid=True)
+        self._reclaim_at.clear()  # "at once": this instance's next consume reclaims before reading
 
     async def extend(self, deliveries: Sequence[Delivery], consumer: str) -> list[Delivery]:
         """Re-claim, per request stream, the entries ``consumer`` still holds, so their idle time starts again."""
@@ -809,3 +832,13 @@ class RedisBroker(Broker):
         with _reachable(self):
             raw = await self._redis.get(_key("res", path))
         return None if raw is None else orjson.loads(raw)
+
+    async def put_resource_if_absent(self, path: str, document: dict[str, Any], *, ttl: int) -> dict[str, Any]:
+        """``SET key document NX GET PX ttl`` (Redis >= 7.0): one round trip, atomic.
+
+        Returns the document already stored (its TTL left alone), or ``document`` if this call stored it.
+        """
+        with _reachable(self):
+            raw: Any = await self._redis.set(_key("res", path), orjson.dumps(document), nx=True, get=True,
+                                             px=_ms(ttl))
+        return document if raw is None else orjson.loads(raw)  # raw: the stored value (bytes), not a bool

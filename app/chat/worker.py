@@ -19,15 +19,17 @@ def message_id_for(operation_id: str) -> str:
 
 
 async def deliver_message(ctx: Context) -> dict[str, Any]:
-    """``ChatMessageSent`` → store the message, emit ``ChatMessageDelivered``, succeed with a 303 target."""
-    if await ctx.cancel_requested():
-        await ctx.canceled()
-        return {}
+    """``ChatMessageSent`` → store the message, emit ``ChatMessageDelivered``, succeed with a 303 target.
+
+    No cancel check of its own: the worker SDK has just refused to start an operation whose cancel
+    was requested (a re-read here cost a round trip per message), and storing is the first step.
+    """
     data = ctx.data
     room = data["room"]
     mid = message_id_for(ctx.operation_id)
     path = message_path(room, mid)
-    message = await ctx.broker.get_resource(path) or {
+    # a redelivered request keeps the message its first run stored (same id, same delivered_at)
+    message = await ctx.broker.put_resource_if_absent(path, {
         "id": mid,
         "room": room,
         "author": data["author"],
@@ -36,8 +38,7 @@ async def deliver_message(ctx: Context) -> dict[str, Any]:
         "delivered_at": now_iso(),
         "read_by": [],
         "operation_id": ctx.operation_id,
-    }
-    await ctx.broker.put_resource(path, message, ttl=MESSAGE_TTL)
+    }, ttl=MESSAGE_TTL)
     await ctx.emit("ChatMessageDelivered", message, topics=[room_topic(room)], subject=path)
     await ctx.succeed(message, location=path)
     return message

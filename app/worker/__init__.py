@@ -15,7 +15,8 @@ handler emits correlated response events and finishes the operation::
 Control flow, as in arq: raise :class:`Retry` to have the request handed out again later;
 any other exception fails the operation with a problem (the worker carries on); a
 handler that returns without finishing succeeds with its return value as the result.
-A request whose operation asked to be cancelled ends as ``canceled`` without running,
+A request whose operation asked to be cancelled ends as ``canceled`` without running (the
+flag is checked as of the atomic move to ``running``, so a handler need not check it first),
 and a handler can ask :meth:`Context.cancel_requested` at its own checkpoints.
 """
 
@@ -273,6 +274,12 @@ class Worker:
                 return "ack"
             operation = await self.broker.transition(op_id, Status.RUNNING, traceparent=event.traceparent,
                                                      current=operation)
+            if operation.cancel_requested:
+                # the cancel came between our read and the move (the move re-read the changed operation):
+                # still refuse to run, so a handler need not re-read the operation before it starts
+                await self.broker.transition(op_id, Status.CANCELED, traceparent=event.traceparent,
+                                             current=operation)
+                return "ack"
         except (IllegalTransition, OperationNotFound):
             return "ack"
         ctx = Context(self.broker, event, operation, source=self.source)

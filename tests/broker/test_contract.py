@@ -373,3 +373,34 @@ async def test_resources_are_kept_until_their_ttl(broker: Broker) -> None:
     assert await broker.get_resource("/chats/lobby/messages/m2") is None
     await asyncio.sleep(1.1)
     assert await broker.get_resource("/chats/lobby/messages/m1") is None
+
+
+async def test_put_resource_if_absent_stores_once_and_returns_what_is_stored(broker: Broker) -> None:
+    path = "/chats/lobby/messages/m1"
+    first = {"id": "m1", "text": "first", "tags": ["a"]}
+    assert await broker.put_resource_if_absent(path, first, ttl=60) == first
+    assert await broker.get_resource(path) == first
+    # a second writer (a redelivered handler) gets the first document back and changes nothing
+    assert await broker.put_resource_if_absent(path, {"id": "m1", "text": "second"}, ttl=60) == first
+    assert await broker.get_resource(path) == first
+
+
+async def test_put_resource_if_absent_is_atomic_among_racing_writers(broker: Broker) -> None:
+    path = "/chats/race/messages/m1"
+    results = await asyncio.gather(
+        *(broker.put_resource_if_absent(path, {"id": "m1", "writer": n}, ttl=60) for n in range(8))
+    )
+    stored = await broker.get_resource(path)
+    assert stored is not None
+    assert all(result == stored for result in results)  # every writer saw the one that won
+
+
+async def test_put_resource_if_absent_keeps_the_first_ttl_and_stores_again_once_expired(broker: Broker) -> None:
+    path = "/chats/lobby/messages/m2"
+    await broker.put_resource_if_absent(path, {"v": 1}, ttl=1)
+    await asyncio.sleep(0.6)
+    assert await broker.put_resource_if_absent(path, {"v": 2}, ttl=1) == {"v": 1}  # does not renew the TTL
+    await asyncio.sleep(0.6)
+    assert await broker.get_resource(path) is None  # gone 1 s after the first write
+    assert await broker.put_resource_if_absent(path, {"v": 3}, ttl=60) == {"v": 3}
+    assert await broker.get_resource(path) == {"v": 3}

@@ -292,3 +292,55 @@ async def test_subscribe_fails_fast_when_redis_is_down(
     await broker.subscribe("chats/nowhere")
     cursor = await broker.publish("chats/nowhere", event(1))
     await eventually(lambda: [f.cursor for f in frames] == [cursor])
+
+
+async def test_reclaim_runs_when_due_not_on_every_consume(
+    redis_url: str, make: Callable[..., RedisBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = make(redis_url, visibility_timeout=3600)
+    broker._poll = 3600.0  # the time-based reclaim never falls due during the test: only the events below count
+    reclaims = 0
+    reclaim = broker._reclaim
+
+    async def counted(*args: Any) -> Any:
+        nonlocal reclaims
+        reclaims += 1
+        return await reclaim(*args)
+
+    monkeypatch.setattr(broker, "_reclaim", counted)
+    for _ in range(4):
+        await broker.accept(*command())
+    taken = [d for _ in range(3) for d in await broker.consume([REQUEST], "w", block=0)]
+    assert len(taken) == 3
+    assert reclaims == 1, "only the first consume reclaims while new work keeps coming"
+    await broker.release(taken[0])
+    [again] = await broker.consume([REQUEST], "w", block=0)
+    assert (again.event.id, again.deliveries, reclaims) == (taken[0].event.id, 2, 2)  # a release makes it due
+    [fourth] = await broker.consume([REQUEST], "w", block=0)
+    assert (fourth.deliveries, reclaims) == (1, 3)  # a reclaim that filled count looks again next time
+    assert await broker.consume([REQUEST], "w", block=0) == []
+    assert reclaims == 3
+    assert await broker.consume([REQUEST], "w", block=0) == []
+    assert reclaims == 4, "after XREADGROUP found nothing, the next consume reclaims"
+
+
+async def test_a_consumer_that_keeps_finding_new_work_still_takes_over_a_dead_consumers_job(
+    redis_url: str, make: Callable[..., RedisBroker]
+) -> None:
+    broker = make(redis_url)  # visibility timeout 0.3 s
+    op, request = command()
+    await broker.accept(op, request)
+    await broker.consume([REQUEST], "dead", block=1)  # taken, never acknowledged
+    taken_over = None
+    deadline = time.monotonic() + 10
+    for _ in range(1000):
+        if taken_over is not None or time.monotonic() > deadline:
+            break
+        await broker.accept(*command())  # there is always new work for XREADGROUP
+        for delivery in await broker.consume([REQUEST], "busy", block=0):
+            if delivery.event.id == request.id:
+                taken_over = delivery
+            await broker.ack(delivery)
+        await asyncio.sleep(0.01)
+    assert taken_over is not None, "the abandoned job was never reclaimed"
+    assert taken_over.deliveries == 2

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
-from app.chat.worker import message_id_for
+from app.chat import message_path
+from app.chat.worker import WorkerSettings, message_id_for
 from app.operations import operation_topic
+from app.worker import Worker
 from tests.http.harness import Herald, LiveHerald, assert_problem
 from tests.support.sse import sse_connect
 
@@ -35,6 +38,26 @@ async def test_send_delivers_on_the_operation_and_the_room(herald: Herald) -> No
     assert event.correlationid == op["id"]
     assert event.subject == f"/chats/deliver/messages/{message['id']}"
     assert event.data == message
+
+
+async def test_a_redelivered_send_keeps_the_message_its_first_run_stored(idle_herald: Herald) -> None:
+    response = await idle_herald.send(room="again", text="hi")
+    assert response.status_code == 202
+    op_id = response.json()["id"]
+    path = message_path("again", message_id_for(op_id))
+    # what a first run stored before its worker died, unacknowledged
+    first = {"id": message_id_for(op_id), "room": "again", "author": "ann", "text": "hi",
+             "sent_at": "2020-01-01T00:00:00Z", "delivered_at": "2020-01-01T00:00:01Z", "read_by": [],
+             "operation_id": op_id}
+    await idle_herald.broker.put_resource(path, first, ttl=60)
+    worker = Worker(idle_herald.broker, WorkerSettings.handlers, poll=0.05)
+    await asyncio.wait_for(worker.run(burst=True), 10)
+    doc = await idle_herald.wait_status(op_id, "succeeded")
+    assert (await idle_herald.client.get(f"/operations/{op_id}", follow_redirects=True)).json() == first
+    assert await idle_herald.broker.get_resource(path) == first
+    delivered = [s.event for s in (await idle_herald.broker.read("chats/again", None)).events]
+    assert [e.data for e in delivered] == [first]
+    assert doc["status"] == "succeeded"
 
 
 async def test_the_send_operation_redirects_to_the_message(herald: Herald) -> None:

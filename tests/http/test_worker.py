@@ -10,6 +10,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+
 from app.operations import operation_topic
 from app.worker import Context, Failed, Handler, Retry, Worker
 from tests.http.harness import Herald
@@ -162,6 +164,30 @@ async def test_a_cancel_seen_by_the_handler_ends_it_canceled(idle_herald: Herald
         await ctx.canceled()
 
     await run_worker(idle_herald, handler)
+    assert (await idle_herald.wait_status(op_id, "canceled"))["status"] == "canceled"
+
+
+async def test_a_cancel_between_the_workers_read_and_its_move_to_running_still_stops_the_handler(
+    idle_herald: Herald, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    op_id = await submit(idle_herald)
+    broker = idle_herald.broker
+    read = broker.get_operation
+
+    async def read_then_cancel(operation_id: str) -> Any:
+        operation = await read(operation_id)  # the worker sees no cancel yet ...
+        await broker.request_cancel(operation_id)  # ... and the client cancels right after
+        return operation
+
+    monkeypatch.setattr(broker, "get_operation", read_then_cancel)
+    ran: list[str] = []
+
+    async def handler(ctx: Context) -> None:
+        ran.append(ctx.operation_id)  # no cancel check of its own, like the chat handler
+
+    await run_worker(idle_herald, handler)
+    monkeypatch.undo()
+    assert ran == []
     assert (await idle_herald.wait_status(op_id, "canceled"))["status"] == "canceled"
 
 
