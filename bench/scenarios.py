@@ -63,7 +63,7 @@ class Sizes:
     e_sizes: tuple[int, ...]
     e_c_subscribers: int
     c_rate: float = 5000.0  # the paced variant of C: the target rate
-    c_rounds: int = 7  # C and E-C as fast as it goes: bursts of one event per topic; the median round counts
+    c_rounds: int = 5  # C and E-C as fast as it goes: bursts of one event per topic; the median round counts
     connect_deadline: float = 25.0  # A and E: connections not made by then count as failed (keeps the run bounded)
     settle_seconds: float = 1.0  # after connecting, before memory is read
     quiet_seconds: float = 1.0  # no bytes for this long: every subscriber has all it will get
