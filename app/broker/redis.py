@@ -780,8 +780,11 @@ class RedisBroker(Broker):
                 stalled.set()
                 await conn.disconnect(nowait=True)  # the pump's pending read fails, and the reader reconnects
                 return
-            async with self._pubsub_lock:
-                await conn.send_command("PING")
+            try:
+                async with self._pubsub_lock:
+                    await conn.send_command("PING")
+            except (RedisError, OSError):
+                return  # the connection is broken: the pump's read fails too, and the reader reconnects
             pinged = True
 
     def _on_reply(self, reply: Any) -> None:
