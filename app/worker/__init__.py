@@ -153,6 +153,7 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.source = f"herald.worker/{self.name}"
         self.handled = 0
+        self._released = 0  # jobs given back by a handler (Retry): a burst looks once more after one
         self._stopping = asyncio.Event()
         self._inflight: dict[asyncio.Task[None], Delivery] = {}
 
@@ -170,6 +171,7 @@ class Worker:
                 if free <= 0:
                     await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
                     continue
+                released = self._released
                 try:
                     deliveries = await self.broker.consume(types, self.name, count=free, block=self.poll)
                 except BrokerError as exc:
@@ -187,6 +189,8 @@ class Worker:
                     task.add_done_callback(self._inflight.pop)
                 if burst and not deliveries:
                     if not self._inflight:
+                        if self._released != released:
+                            continue  # a job was given back while this consume looked (Redis): look again
                         return
                     await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -241,6 +245,7 @@ class Worker:
             await self._settle(self.broker.ack, delivery)
         elif settle == "release":
             await self._settle(self.broker.release, delivery)
+            self._released += 1
 
     async def _settle(self, action: Callable[[Delivery], Awaitable[None]], delivery: Delivery) -> None:
         try:

@@ -17,6 +17,18 @@ from app.worker import Context, Failed, Handler, Retry, Worker
 from tests.http.harness import Herald
 
 
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def broker_url(request: pytest.FixtureRequest) -> str | None:
+    """``None`` (the memory broker) or the URL of the test session's Redis."""
+    return None if request.param == "memory" else str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+async def quick_herald(make_herald: Callable[..., Awaitable[Herald]], broker_url: str | None) -> Herald:
+    """An app without its embedded worker, on either broker, whose unacknowledged requests come back fast."""
+    return await make_herald(embedded_worker=False, visibility_timeout=0.2, redis_url=broker_url)
+
+
 async def run_worker(herald: Herald, handler: Handler, **options: Any) -> Worker:
     """Run a burst worker with ``handler`` for ``ChatMessageSent`` until no work is left."""
     worker = Worker(herald.broker, {"ChatMessageSent": handler}, poll=0.05, **options)
@@ -121,8 +133,8 @@ async def test_ctx_fail_ends_the_operation_failed(idle_herald: Herald) -> None:
     assert (await idle_herald.wait_status(op_id, "failed"))["error"]["detail"] == "not today"
 
 
-async def test_retry_hands_the_request_out_again(idle_herald: Herald) -> None:
-    op_id = await submit(idle_herald)
+async def test_retry_hands_the_request_out_again(quick_herald: Herald) -> None:
+    op_id = await submit(quick_herald)
     calls: list[int] = []
 
     async def handler(ctx: Context) -> str:
@@ -131,16 +143,16 @@ async def test_retry_hands_the_request_out_again(idle_herald: Herald) -> None:
             raise Retry()
         return "second time lucky"
 
-    await run_worker(idle_herald, handler)
+    await run_worker(quick_herald, handler)
     assert calls == [1, 2]
-    assert (await idle_herald.wait_status(op_id, "succeeded"))["result"] == "second time lucky"
-    assert await topic_types(idle_herald, operation_topic(op_id)) == [
+    assert (await quick_herald.wait_status(op_id, "succeeded"))["result"] == "second time lucky"
+    assert await topic_types(quick_herald, operation_topic(op_id)) == [
         "herald.operation.running", "herald.operation.running", "herald.operation.succeeded"
     ]
 
 
-async def test_attempts_exhausted_fails_the_operation(idle_herald: Herald) -> None:
-    op_id = await submit(idle_herald)
+async def test_attempts_exhausted_fails_the_operation(quick_herald: Herald) -> None:
+    op_id = await submit(quick_herald)
     calls = 0
 
     async def handler(ctx: Context) -> None:
@@ -148,9 +160,9 @@ async def test_attempts_exhausted_fails_the_operation(idle_herald: Herald) -> No
         calls += 1
         raise Retry()
 
-    await run_worker(idle_herald, handler, max_attempts=3)
+    await run_worker(quick_herald, handler, max_attempts=3)
     assert calls == 3
-    doc = await idle_herald.wait_status(op_id, "failed")
+    doc = await quick_herald.wait_status(op_id, "failed")
     assert doc["error"]["type"] == "https://herald.dev/problems/attempts-exhausted"
     assert doc["error"]["attempts"] == 3
 
