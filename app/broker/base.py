@@ -206,11 +206,21 @@ class Broker(ABC):
         location: str | None = None,
         traceparent: str | None = None,
         current: Operation | None = None,
+        events: Sequence[tuple[str, Event]] = (),
+        ack: Delivery | None = None,
     ) -> Operation:
         """Apply a checked status change and publish its status event, atomically.
 
         ``current`` is the caller's latest copy of the operation, if it has one: a broker may start
         from it instead of reading the operation first (a stale copy is found out and read again).
+
+        In the same atomic step (one round trip on Redis), when the move is applied: each
+        ``(topic, event)`` of ``events`` is published first (as :meth:`publish` would, so it comes
+        before the status event on the operation's topic), and ``ack``, the delivery of the request
+        being handled, is acknowledged. When the operation is missing or the move is illegal, nothing
+        is published but ``ack`` is still acknowledged (the request has nothing left to do), and
+        :class:`OperationNotFound` or ``IllegalTransition`` is raised. A copy found stale is read
+        again and the move retried, so the events are published exactly once.
         """
 
     @abstractmethod

@@ -23,7 +23,7 @@ from app.broker.base import (
     StoredEvent,
 )
 from app.events import Event
-from app.operations import Operation, Status, operation_topic, status_event, transition
+from app.operations import IllegalTransition, Operation, Status, operation_topic, status_event, transition
 from app.operations import request_cancel as cancel_flag
 from app.protocol import Cursor, Frame, format_cursor, parse_cursor
 
@@ -166,6 +166,9 @@ class MemoryBroker(Broker):
 
     async def ack(self, delivery: Delivery) -> None:
         """Forget a delivery."""
+        self._ack(delivery)
+
+    def _ack(self, delivery: Delivery) -> None:
         type_, delivery_id = delivery.delivery_id.split("|", 1)
         queue = self._queues.get(type_)
         if queue is not None:
@@ -216,19 +219,33 @@ class MemoryBroker(Broker):
         location: str | None = None,
         traceparent: str | None = None,
         current: Operation | None = None,
+        events: Sequence[tuple[str, Event]] = (),
+        ack: Delivery | None = None,
     ) -> Operation:
-        """Apply a checked status change, store it and publish its status event."""
+        """Apply a checked status change: publish ``events``, store it, publish its status event, ack ``ack``.
+
+        Nothing can interleave (one loop, no await), so the stored operation is never stale here.
+        """
         now = time.monotonic()
         current = self._get(operation_id, now)
-        if current is None:
-            raise OperationNotFound(operation_id)
-        updated = transition(current, status, result=result, error=error, location=location)
+        try:
+            if current is None:
+                raise OperationNotFound(operation_id)
+            updated = transition(current, status, result=result, error=error, location=location)
+        except (OperationNotFound, IllegalTransition):
+            if ack is not None:
+                self._ack(ack)  # nothing left to do for this request, as on Redis
+            raise
+        for topic, event in events:
+            self._append(topic, event, self._ttl(topic))
         self._operations[operation_id] = (updated, self._operations[operation_id][1])
         self._append(
             operation_topic(operation_id),
             status_event(updated, source=self.source, traceparent=traceparent),
             self.operation_ttl,
         )
+        if ack is not None:
+            self._ack(ack)
         return updated
 
     async def request_cancel(self, operation_id: str) -> Operation:
@@ -262,8 +279,10 @@ class MemoryBroker(Broker):
 
     async def publish(self, topic: str, event: Event) -> str:
         """Append to the topic's capped history and hand it to the sink if subscribed."""
-        ttl = self.operation_ttl if topic.startswith("operations/") else self.history_ttl
-        return self._append(topic, event, ttl)
+        return self._append(topic, event, self._ttl(topic))
+
+    def _ttl(self, topic: str) -> float:
+        return self.operation_ttl if topic.startswith("operations/") else self.history_ttl
 
     def _live(self, topic: str) -> _Topic | None:
         state = self._topics.get(topic)

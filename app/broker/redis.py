@@ -58,8 +58,14 @@ visibility timeout (XCLAIM ... JUSTID resets the idle time and leaves the delive
 a script that first checks with XPENDING that the entry is still this consumer's, so a job
 that outlasts the visibility timeout is not handed to a second worker while the first lives.
 
-``accept`` is the one script that touches keys of several slots; on a Cluster it would
-need the idempotency key and the request queue tagged with the operation's slot.
+A worker ends an operation in one round trip: ``transition(..., events=..., ack=...)`` runs the
+update script with the handler's staged events and the request's stream entry as well, so the
+events are appended and PUBLISHed, the operation stored with its status event, and the entry
+XACKed and XDELed in one atomic step (``'stale'`` does none of it; the CAS loop reads again).
+
+``accept`` and the update script when given events or a delivery to acknowledge touch keys
+of several slots; on a Cluster they would need the idempotency key, the request queue and
+the event topics tagged with the operation's slot.
 """
 
 from __future__ import annotations
@@ -151,17 +157,33 @@ _ALLOWED_LUA = "local allowed = {" + ", ".join(
     f"{src.value} = {{{', '.join(f'{dst.value} = true' for dst in sorted(dsts))}}}" for src, dsts in ALLOWED.items()
 ) + "}\n"
 
-# KEYS: op hash, topic stream. ARGV: expected version, wanted status ('' = flag change only),
-# maxlen, ttl ms, event type ('' = no event), event JSON, fields...
+# KEYS: op hash, op topic stream, n event topic streams[, request stream]. ARGV: expected version, wanted
+# status ('' = flag change only), maxlen, ttl ms, status event type ('' = no event), status event JSON,
+# n, request entry id to ack ('' = none), group, n x (ttl ms, event type, event JSON), fields...
+# An applied move publishes the n events, then stores the operation and appends its status event;
+# a missing operation or an illegal move publishes nothing; all but 'stale' ack the request entry.
 _UPDATE_LUA = _APPEND_LUA + _ALLOWED_LUA + """
+local n = tonumber(ARGV[7])
+local function settle()
+  if ARGV[8] ~= '' then
+    redis.call('XACK', KEYS[3 + n], ARGV[9], ARGV[8])
+    redis.call('XDEL', KEYS[3 + n], ARGV[8])
+  end
+end
 local cur = redis.call('HMGET', KEYS[1], 'version', 'status')
-if not cur[1] then return {'missing'} end
+if not cur[1] then settle() return {'missing'} end
 if cur[1] ~= ARGV[1] then return {'stale'} end
 local moves = allowed[cur[2]]
 if not moves or (ARGV[2] == '' and next(moves) == nil) or (ARGV[2] ~= '' and not moves[ARGV[2]]) then
+  settle()
   return {'illegal', cur[2]}
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+settle()  -- first: an entry id Redis refuses fails the script before it has written anything
+for i = 1, n do
+  local a = 7 + 3 * i
+  append(KEYS[2 + i], ARGV[3], ARGV[a], ARGV[a + 1], ARGV[a + 2])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 10 + 3 * n))
 if ARGV[5] ~= '' then append(KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]) end
 return {'ok'}
 """
@@ -508,17 +530,21 @@ class RedisBroker(Broker):
         location: str | None = None,
         traceparent: str | None = None,
         current: Operation | None = None,
+        events: Sequence[tuple[str, Event]] = (),
+        ack: Delivery | None = None,
     ) -> Operation:
         """Check the move in Python, then store it and append its status event if nobody changed it meanwhile.
 
         With ``current`` the first attempt skips the read: the script's version check refuses a stale copy.
+        ``events`` and ``ack`` ride in the same script call (see :meth:`Broker.transition`); when the
+        read or the Python check already refuses the move, ``ack`` costs a round trip of its own.
         """
 
         def change(current: Operation) -> tuple[Operation, Event | None]:
             updated = transition(current, status, result=result, error=error, location=location)
             return updated, status_event(updated, source=self.source, traceparent=traceparent)
 
-        return await self._update(operation_id, status, change, current)
+        return await self._update(operation_id, status, change, current, events=events, ack=ack)
 
     async def request_cancel(self, operation_id: str) -> Operation:
         """Set the cancel flag (no event: the worker that honours it publishes ``canceled``)."""
@@ -530,26 +556,41 @@ class RedisBroker(Broker):
         status: Status | None,
         change: Callable[[Operation], tuple[Operation, Event | None]],
         known: Operation | None = None,
+        *,
+        events: Sequence[tuple[str, Event]] = (),
+        ack: Delivery | None = None,
     ) -> Operation:
-        topic = operation_topic(operation_id)
+        keys = [_op_key(operation_id), _key("topic", operation_topic(operation_id)),
+                *(_key("topic", topic) for topic, _ in events)]
+        extra: list[Any] = [len(events), "", ""]
+        if ack is not None:
+            type_, entry_id = ack.delivery_id.rsplit("|", 1)
+            keys.append(_key("req", type_))
+            extra[1:] = [entry_id, GROUP]
+        for topic, staged in events:
+            extra += [_ms(self._ttl(topic)), staged.type, staged.encoded]
         for _ in range(_CAS_ATTEMPTS):
             current, known = known or await self.get_operation(operation_id), None
-            if current is None:
-                raise OperationNotFound(operation_id)
-            updated, event = change(current)  # raises IllegalTransition from the Python check
+            try:
+                if current is None:
+                    raise OperationNotFound(operation_id)
+                updated, event = change(current)  # raises IllegalTransition from the Python check
+            except (OperationNotFound, IllegalTransition):
+                if ack is not None:  # refused before the script: acknowledge on its own
+                    await self.ack(ack)
+                raise
             if updated is current:
                 return current
             args: list[Any] = [current.version, status.value if status else "", self.history_size + 1,
                                _ms(self.operation_ttl), event.type if event else "",
-                               event.encoded if event else b"", *_fields(updated)]
+                               event.encoded if event else b"", *extra, *_fields(updated)]
             with _reachable(self):
-                outcome, *rest = await self._update_script(keys=[_op_key(operation_id), _key("topic", topic)],
-                                                           args=args)
+                outcome, *rest = await self._update_script(keys=keys, args=args)
             if outcome == b"ok":
                 return updated
-            if outcome == b"missing":
+            if outcome == b"missing":  # the script acknowledged ``ack``
                 raise OperationNotFound(operation_id)
-            if outcome == b"illegal":
+            if outcome == b"illegal":  # the script acknowledged ``ack``
                 raise IllegalTransition(Status(_text(rest[0])), status or Status.CANCELED)
             # "stale": another process changed it between our read and our write; read again
         raise BrokerUnavailable(f"operation {operation_id} kept changing; try again")
@@ -557,12 +598,15 @@ class RedisBroker(Broker):
     # Topics ----------------------------------------------------------------------------
     async def publish(self, topic: str, event: Event) -> str:
         """Append to the topic's capped stream and PUBLISH it, atomically; return its cursor."""
-        ttl = self.operation_ttl if topic.startswith("operations/") else self.history_ttl
         with _reachable(self):
             cursor = await self._publish_script(
-                keys=[_key("topic", topic)], args=[self.history_size + 1, _ms(ttl), event.type, event.encoded]
+                keys=[_key("topic", topic)],
+                args=[self.history_size + 1, _ms(self._ttl(topic)), event.type, event.encoded],
             )
         return _text(cursor)
+
+    def _ttl(self, topic: str) -> float:
+        return self.operation_ttl if topic.startswith("operations/") else self.history_ttl
 
     async def publish_many(self, items: Sequence[tuple[str, Event]]) -> list[str]:
         """Run the publish script for every ``(topic, event)``, pipelined: one round trip for all of them.
@@ -594,9 +638,8 @@ class RedisBroker(Broker):
         load it when it is missing. The benchmark's publisher sends exactly this over its own
         connection, so what it writes is what Herald's workers write.
         """
-        ttl = self.operation_ttl if topic.startswith("operations/") else self.history_ttl
-        return ("EVALSHA", self._publish_script.sha, 1, _key("topic", topic), self.history_size + 1, _ms(ttl),
-                event_type, encoded)
+        return ("EVALSHA", self._publish_script.sha, 1, _key("topic", topic), self.history_size + 1,
+                _ms(self._ttl(topic)), event_type, encoded)
 
     async def read(self, topic: str, after: str | None, *, limit: int = 1000) -> HistoryPage:
         """Kept events after a cursor; ``truncated`` when the sentinel (newest dropped) is newer."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -10,8 +11,8 @@ from typing import Any
 import pytest
 
 from app.broker import create_broker
-from app.broker.base import Broker, IdempotencyConflict, OperationNotFound
-from app.operations import IllegalTransition, Status, operation_topic
+from app.broker.base import Broker, Delivery, IdempotencyConflict, OperationNotFound
+from app.operations import IllegalTransition, Operation, Status, operation_topic
 from app.protocol import Frame, parse_cursor
 from tests.broker.helpers import REQUEST, command, event, eventually
 
@@ -278,6 +279,93 @@ async def test_operations_expire_after_their_ttl(make_broker: MakeBroker) -> Non
     # the idempotency key expired with it: the same key makes a new operation
     fresh_op, fresh_request = command()
     assert (await broker.accept(fresh_op, fresh_request, idempotency_key="k3", fingerprint="f")).created
+
+
+# Ending an operation with its events and the request's ack in one step ------------------
+
+async def held_running(broker: Broker) -> tuple[Delivery, Operation]:
+    """A new operation whose request a consumer holds, moved to ``running``."""
+    op, request = command()
+    await broker.accept(op, request)
+    [delivery] = await broker.consume([REQUEST], "w", block=1)
+    return delivery, await broker.transition(op.id, Status.RUNNING)
+
+
+async def types_on(broker: Broker, topic: str) -> list[str]:
+    """The event types kept in a topic, oldest first."""
+    return [s.event.type for s in (await broker.read(topic, None)).events]
+
+
+async def test_a_transition_publishes_its_events_before_its_status_event_and_acks_the_request(
+    broker: Broker,
+) -> None:
+    frames: list[Frame] = []
+    broker.set_sink(frames.append)
+    await broker.subscribe("chats/room")
+    delivery, running = await held_running(broker)
+    topic = operation_topic(running.id)
+    first, second = event(1), event(2, "OtherThingHappened")
+    done = await broker.transition(running.id, Status.SUCCEEDED, result=7, current=running,
+                                   events=[(topic, first), ("chats/room", first), (topic, second)], ack=delivery)
+    assert (done.status, done.result, done.version) == (Status.SUCCEEDED, 7, running.version + 1)
+    assert await broker.get_operation(running.id) == done
+    page = await broker.read(topic, None)
+    assert [s.event.type for s in page.events] == [
+        "herald.operation.running", "ThingHappened", "OtherThingHappened", "herald.operation.succeeded"
+    ]
+    assert [s.event for s in page.events[1:3]] == [first, second]
+    [elsewhere] = (await broker.read("chats/room", None)).events
+    assert elsewhere.event == first
+    await eventually(lambda: len(frames) >= 1)  # fanned out like a publish
+    assert [(f.topic, f.cursor, f.encoded) for f in frames] == [("chats/room", elsewhere.cursor, first.encoded)]
+    # acknowledged with the move: never handed out again, even after the visibility timeout
+    assert await broker.consume([REQUEST], "w2", block=VISIBILITY * 2) == []
+
+
+async def test_a_transition_retried_on_a_stale_copy_publishes_its_events_once_and_acks(broker: Broker) -> None:
+    delivery, running = await held_running(broker)
+    topic = operation_topic(running.id)
+    await broker.request_cancel(running.id)  # the version moves on: ``running`` is now a stale copy
+    happened = event(1)
+    done = await broker.transition(running.id, Status.SUCCEEDED, current=running,
+                                   events=[(topic, happened), ("chats/stale", happened)], ack=delivery)
+    assert done.cancel_requested and done.version == running.version + 2  # read again, then applied
+    assert await types_on(broker, topic) == [
+        "herald.operation.running", "ThingHappened", "herald.operation.succeeded"
+    ]
+    assert [s.event for s in (await broker.read("chats/stale", None)).events] == [happened]
+    assert await broker.consume([REQUEST], "w2", block=VISIBILITY * 2) == []
+
+
+@pytest.mark.parametrize("copy", ["none", "forged"])
+async def test_an_illegal_transition_publishes_nothing_but_acks_the_request(broker: Broker, copy: str) -> None:
+    delivery, running = await held_running(broker)
+    topic = operation_topic(running.id)
+    done = await broker.transition(running.id, Status.SUCCEEDED, current=running)
+    # "forged": a copy of the stored version that still says running, so only the store's own check refuses
+    current = dataclasses.replace(done, status=Status.RUNNING) if copy == "forged" else None
+    with pytest.raises(IllegalTransition):
+        await broker.transition(running.id, Status.FAILED, current=current,
+                                events=[(topic, event(1)), ("chats/illegal", event(2))], ack=delivery)
+    assert await broker.get_operation(running.id) == done
+    assert await types_on(broker, topic) == ["herald.operation.running", "herald.operation.succeeded"]
+    assert await types_on(broker, "chats/illegal") == []
+    assert await broker.consume([REQUEST], "w2", block=VISIBILITY * 2) == []
+
+
+@pytest.mark.parametrize("copy", ["none", "held"])
+async def test_a_transition_of_an_expired_operation_publishes_nothing_but_acks_the_request(
+    make_broker: MakeBroker, copy: str
+) -> None:
+    broker = await make_broker(operation_ttl=0.4, visibility_timeout=5)
+    delivery, running = await held_running(broker)
+    await asyncio.sleep(0.6)
+    # "held": the worker's copy, so no read comes first and the store finds the operation gone
+    with pytest.raises(OperationNotFound):
+        await broker.transition(running.id, Status.SUCCEEDED, current=running if copy == "held" else None,
+                                events=[("chats/expired", event(1))], ack=delivery)
+    assert await types_on(broker, "chats/expired") == []
+    assert await broker.extend([delivery], "w") == [delivery]  # no longer held by anyone: acknowledged
 
 
 # Topics --------------------------------------------------------------------------------

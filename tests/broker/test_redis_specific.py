@@ -344,3 +344,43 @@ async def test_a_consumer_that_keeps_finding_new_work_still_takes_over_a_dead_co
         await asyncio.sleep(0.01)
     assert taken_over is not None, "the abandoned job was never reclaimed"
     assert taken_over.deliveries == 2
+
+
+async def test_ending_an_operation_with_its_events_and_ack_is_one_command_with_publishs_ttls(
+    redis_server: RedisServer, redis_url: str, make: Callable[..., RedisBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = make(redis_url, operation_ttl=600, history_ttl=300)
+    op, request = command()
+    await broker.accept(op, request)
+    [delivery] = await broker.consume([REQUEST], "w", block=1)
+    running = await broker.transition(op.id, Status.RUNNING)
+    sent: list[str] = []
+    execute = broker._redis.execute_command
+
+    async def counted(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return await execute(*args, **options)
+
+    monkeypatch.setattr(broker._redis, "execute_command", counted)
+    topic = operation_topic(op.id)
+    await broker.transition(op.id, Status.SUCCEEDED, current=running,
+                            events=[(topic, event(1)), ("chats/ttl", event(2))], ack=delivery)
+    assert sent == ["EVALSHA"]  # the events, the move, its status event and the ack: one round trip
+    with redis_server.client() as client:
+        assert 290_000 < client.pttl("herald:topic:{chats/ttl}") <= 300_000  # as publish(): history_ttl
+        assert 590_000 < client.pttl(f"herald:topic:{{{topic}}}") <= 600_000  # operations/*: operation_ttl
+        assert client.xlen(f"herald:req:{{{REQUEST}}}") == 0  # XDEL
+        assert client.xpending(f"herald:req:{{{REQUEST}}}", "herald-workers")["pending"] == 0  # XACK
+
+
+async def test_ending_an_operation_with_events_loads_the_script_into_a_redis_that_lost_it(
+    redis_url: str, make: Callable[..., RedisBroker]
+) -> None:
+    broker = make(redis_url)
+    op, request = command()
+    await broker.accept(op, request)
+    [delivery] = await broker.consume([REQUEST], "w", block=1)
+    await broker._redis.script_flush()  # as after a restart without persistence
+    await broker.transition(op.id, Status.SUCCEEDED, events=[("chats/flushed", event(1))], ack=delivery)
+    assert [s.event.data for s in (await broker.read("chats/flushed", None)).events] == [{"n": 1}]
+    assert await broker.consume([REQUEST], "w2", block=0.7) == []
