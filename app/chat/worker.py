@@ -19,10 +19,11 @@ def message_id_for(operation_id: str) -> str:
 
 
 async def deliver_message(ctx: Context) -> dict[str, Any]:
-    """``ChatMessageSent`` → store the message, emit ``ChatMessageDelivered``, succeed with a 303 target.
+    """``ChatMessageSent`` → store the message, succeed with a 303 target and ``ChatMessageDelivered``.
 
     No cancel check of its own: the worker SDK has just refused to start an operation whose cancel
     was requested (a re-read here cost a round trip per message), and storing is the first step.
+    The event is staged, so it goes out with the success and the request's ack in one round trip.
     """
     data = ctx.data
     room = data["room"]
@@ -39,13 +40,13 @@ async def deliver_message(ctx: Context) -> dict[str, Any]:
         "read_by": [],
         "operation_id": ctx.operation_id,
     }, ttl=MESSAGE_TTL)
-    await ctx.emit("ChatMessageDelivered", message, topics=[room_topic(room)], subject=path)
+    ctx.stage("ChatMessageDelivered", message, topics=[room_topic(room)], subject=path)
     await ctx.succeed(message, location=path)
     return message
 
 
 async def record_read(ctx: Context) -> dict[str, Any]:
-    """``ChatMessageRead`` → add the reader to the message, tell the room."""
+    """``ChatMessageRead`` → add the reader to the message, tell the room (staged: it goes out with the success)."""
     data = ctx.data
     room, mid, reader = data["room"], data["message_id"], data["reader"]
     path = message_path(room, mid)
@@ -56,7 +57,7 @@ async def record_read(ctx: Context) -> dict[str, Any]:
     if reader not in message["read_by"]:
         message["read_by"] = [*message["read_by"], reader]
         await ctx.broker.put_resource(path, message, ttl=MESSAGE_TTL)
-        await ctx.emit("ChatMessageRead", receipt, topics=[room_topic(room)], subject=path)
+        ctx.stage("ChatMessageRead", receipt, topics=[room_topic(room)], subject=path)
     return receipt
 
 

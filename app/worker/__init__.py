@@ -2,15 +2,23 @@
 
 A worker takes request events from the broker (competing consumers), moves the
 operation to ``running``, and calls the handler registered for the event's type. The
-handler emits correlated response events and finishes the operation::
+handler answers with correlated response events and finishes the operation::
 
     async def send_message(ctx: Context) -> None:
         message = {...}
-        await ctx.emit("ChatMessageDelivered", message, topics=[f"chats/{room}"])
+        ctx.stage("ChatMessageDelivered", message, topics=[f"chats/{room}"])
         await ctx.succeed(message, location=f"/chats/{room}/messages/{message['id']}")
 
     class WorkerSettings:
         handlers = {"ChatMessageSent": send_message}
+
+:meth:`Context.stage` queues an event to go out with the operation's end: the events, the
+terminal status change and the acknowledgement of the request are one atomic broker step (one
+round trip on Redis), so a watcher sees the events and the end together, and a redelivery after
+a crash cannot find the operation ended without its events. :meth:`Context.emit` publishes at
+once (progress, or anything a watcher should see before the end). Staged events go out with
+whatever ends the operation: ``succeed``, ``fail``, ``canceled``, the default success of a
+handler that returns, or the failure of one that raises; :class:`Retry` discards them.
 
 Control flow, as in arq: raise :class:`Retry` to have the request handed out again later;
 any other exception fails the operation with a problem (the worker carries on); a
@@ -58,12 +66,19 @@ class Failed(Exception):
 class Context:
     """What a handler gets: the request event and the means to answer it."""
 
-    def __init__(self, broker: Broker, event: Event, operation: Operation, *, source: str) -> None:
+    def __init__(
+        self, broker: Broker, event: Event, operation: Operation, *, source: str, delivery: Delivery | None = None
+    ) -> None:
         self.broker = broker
         self.event = event
         self.operation = operation
         self.source = source
+        self.delivery = delivery
+        """The delivery of the request, acknowledged together with the operation's end."""
         self.finished = False
+        self.acked = False
+        """Whether the broker acknowledged :attr:`delivery` (with the operation's end, or when refusing it)."""
+        self._staged: list[tuple[str, Event]] = []
 
     @property
     def operation_id(self) -> str:
@@ -78,7 +93,26 @@ class Context:
     async def emit(
         self, type: str, data: Any = None, *, topics: Iterable[str] = (), subject: str | None = None
     ) -> Event:
-        """Publish a response event on the operation's topic and on each of ``topics``."""
+        """Publish a response event on the operation's topic and on each of ``topics``, now."""
+        event, items = self._build(type, data, topics, subject)
+        await self.broker.publish_many(items)  # one round trip for the operation's topic and every other one
+        return event
+
+    def stage(self, type: str, data: Any = None, *, topics: Iterable[str] = (), subject: str | None = None) -> Event:
+        """Like :meth:`emit`, but the event goes out with the operation's end, in the same atomic step.
+
+        Staged events come before the terminal status event on the operation's topic. :class:`Retry`
+        discards them; after the operation has ended there is nothing left to stage them with.
+        """
+        if self.finished:
+            raise RuntimeError("the operation has ended: use emit() to publish more events")
+        event, items = self._build(type, data, topics, subject)
+        self._staged += items
+        return event
+
+    def _build(
+        self, type: str, data: Any, topics: Iterable[str], subject: str | None
+    ) -> tuple[Event, list[tuple[str, Event]]]:
         event = build_event(
             type,
             data,
@@ -88,9 +122,7 @@ class Context:
             causationid=self.event.id,
             traceparent=self.event.traceparent,
         )
-        # one round trip for the operation's topic and every other one
-        await self.broker.publish_many([(operation_topic(self.operation.id), event), *((t, event) for t in topics)])
-        return event
+        return event, [(operation_topic(self.operation.id), event), *((t, event) for t in topics)]
 
     async def progress(self, data: Any) -> Event:
         """Publish a ``herald.operation.progress`` event on the operation's topic."""
@@ -116,11 +148,25 @@ class Context:
         return await self._finish(Status.CANCELED)
 
     async def _finish(self, status: Status, **fields: Any) -> Operation:
-        self.operation = await self.broker.transition(
-            self.operation.id, status, traceparent=self.event.traceparent, current=self.operation, **fields
-        )
+        # the staged events, the end and the ack in one step; the broker acks a refused move too
+        try:
+            self.operation = await self.broker.transition(
+                self.operation.id, status, traceparent=self.event.traceparent, current=self.operation,
+                events=self._staged, ack=self.delivery, **fields,
+            )
+        except (IllegalTransition, OperationNotFound):
+            self._settled()
+            raise
+        self._settled()
         self.finished = True
         return self.operation
+
+    def _settled(self) -> None:
+        self._staged = []
+        self.acked = self.acked or self.delivery is not None
+
+    def _discard_staged(self) -> None:
+        self._staged = []
 
 
 Handler = Callable[[Context], Awaitable[Any]]
@@ -246,6 +292,7 @@ class Worker:
         elif settle == "release":
             await self._settle(self.broker.release, delivery)
             self._released += 1
+        # "acked": the broker acknowledged it in the step that ended the operation
 
     async def _settle(self, action: Callable[[Delivery], Awaitable[None]], delivery: Delivery) -> None:
         try:
@@ -259,46 +306,49 @@ class Worker:
         operation = await self.broker.get_operation(op_id) if op_id else None
         if operation is None or operation.status.terminal:
             return "ack"  # expired, or a repeat delivery of finished work
+        if operation.cancel_requested:
+            return await self._end_unrun(delivery, operation, Status.CANCELED)
+        if operation.attempts >= self.max_attempts:
+            return await self._end_unrun(
+                delivery,
+                operation,
+                Status.FAILED,
+                error=problem(
+                    PROBLEM_BASE + "attempts-exhausted",
+                    "Gave up after repeated attempts",
+                    500,
+                    f"the request was handed to a worker {operation.attempts} times without finishing",
+                    attempts=operation.attempts,
+                ),
+            )
         try:
-            if operation.cancel_requested:
-                await self.broker.transition(op_id, Status.CANCELED, traceparent=event.traceparent)
-                return "ack"
-            if operation.attempts >= self.max_attempts:
-                await self.broker.transition(
-                    op_id,
-                    Status.FAILED,
-                    error=problem(
-                        PROBLEM_BASE + "attempts-exhausted",
-                        "Gave up after repeated attempts",
-                        500,
-                        f"the request was handed to a worker {operation.attempts} times without finishing",
-                        attempts=operation.attempts,
-                    ),
-                    traceparent=event.traceparent,
-                )
-                return "ack"
             operation = await self.broker.transition(op_id, Status.RUNNING, traceparent=event.traceparent,
                                                      current=operation)
-            if operation.cancel_requested:
-                # the cancel came between our read and the move (the move re-read the changed operation):
-                # still refuse to run, so a handler need not re-read the operation before it starts
-                await self.broker.transition(op_id, Status.CANCELED, traceparent=event.traceparent,
-                                             current=operation)
-                return "ack"
         except (IllegalTransition, OperationNotFound):
             return "ack"
-        ctx = Context(self.broker, event, operation, source=self.source)
+        if operation.cancel_requested:
+            # the cancel came between our read and the move (the move re-read the changed operation):
+            # still refuse to run, so a handler need not re-read the operation before it starts
+            return await self._end_unrun(delivery, operation, Status.CANCELED)
+        ctx = Context(self.broker, event, operation, source=self.source, delivery=delivery)
         handler = self.handlers[event.type]
         try:
             result = await handler(ctx)
             if not ctx.finished:
                 await ctx.succeed(result)
         except Retry as retry:
+            ctx._discard_staged()
+            if ctx.acked:
+                return "acked"  # the handler ended the operation before it asked for a retry
             if retry.defer > 0:
                 await asyncio.sleep(retry.defer)
             return "release"
         except Failed as failure:
             await self._fail_quietly(ctx, failure.problem)
+        except OperationNotFound:
+            if not ctx.acked:
+                raise  # not about this operation's end: a broker error as any other
+            # the operation expired while the handler ran; the broker acknowledged the request
         except (BrokerError, asyncio.CancelledError):
             raise
         except IllegalTransition:
@@ -311,13 +361,22 @@ class Worker:
                         f"{type(exc).__name__}: {exc}"),
             )
         self.handled += 1
-        return "ack"
+        return "acked" if ctx.acked else "ack"
+
+    async def _end_unrun(self, delivery: Delivery, operation: Operation, status: Status, **fields: Any) -> str:
+        """End an operation whose handler is not run, acknowledging its request in the same step."""
+        try:
+            await self.broker.transition(operation.id, status, traceparent=delivery.event.traceparent,
+                                         current=operation, ack=delivery, **fields)
+        except (IllegalTransition, OperationNotFound):
+            pass  # ended elsewhere, or expired: the broker acknowledged the request all the same
+        return "acked"
 
     async def _fail_quietly(self, ctx: Context, doc: dict[str, Any]) -> None:
         try:
             await ctx._finish(Status.FAILED, error=doc)
-        except IllegalTransition:
-            pass
+        except (IllegalTransition, OperationNotFound):
+            pass  # ended elsewhere, or expired; the broker acknowledged the request
 
 
 class WorkerSettings:

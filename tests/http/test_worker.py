@@ -1,4 +1,4 @@
-"""The worker SDK against a real app: correlated emits, Retry, Failed, exceptions, cancel, attempts.
+"""The worker SDK against a real app: correlated emits, staged events, Retry, Failed, exceptions, cancel, attempts.
 
 The app runs without its embedded worker; each test runs a :class:`Worker` of its own with
 test handlers for ``ChatMessageSent``, in burst mode so it ends when the work is done.
@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from app.broker.base import Delivery
 from app.operations import operation_topic
 from app.worker import Context, Failed, Handler, Retry, Worker
 from tests.http.harness import Herald
@@ -245,3 +246,131 @@ async def test_competing_workers_handle_each_request_exactly_once(idle_herald: H
     assert all(len(names) == 1 for names in handled.values())
     for op_id in ids:
         assert (await idle_herald.wait_status(op_id, "succeeded"))["status"] == "succeeded"
+
+
+# Staged events: out with the operation's end and the request's ack, in one step -------------
+
+REQUEST = "ChatMessageSent"
+
+
+@pytest.fixture
+def separate_acks(quick_herald: Herald, monkeypatch: pytest.MonkeyPatch) -> list[Delivery]:
+    """The deliveries acknowledged by a call of their own (not with the operation's end)."""
+    acks: list[Delivery] = []
+    ack = quick_herald.broker.ack
+
+    async def spy(delivery: Delivery) -> None:
+        acks.append(delivery)
+        await ack(delivery)
+
+    monkeypatch.setattr(quick_herald.broker, "ack", spy)
+    return acks
+
+
+async def assert_acknowledged(herald: Herald) -> None:
+    """No request comes back after the visibility timeout: each was acknowledged."""
+    assert await herald.broker.consume([REQUEST], "checker", block=0.6) == []
+
+
+async def test_staged_events_go_out_with_the_operations_end_and_its_ack(
+    quick_herald: Herald, separate_acks: list[Delivery]
+) -> None:
+    op_id = await submit(quick_herald)
+    topic = operation_topic(op_id)
+    before_the_end: list[str] = []
+
+    async def handler(ctx: Context) -> dict[str, bool]:
+        await ctx.emit("ThingStarted", {"x": 0})  # emit stays immediate
+        ctx.stage("ThingHappened", {"x": 1}, topics=["chats/elsewhere"], subject="things/1")
+        before_the_end.extend(await topic_types(quick_herald, topic))
+        return {"ok": True}
+
+    await run_worker(quick_herald, handler)
+    assert before_the_end == ["herald.operation.running", "ThingStarted"]  # the staged one was held back
+    events = [s.event for s in (await quick_herald.broker.read(topic, None)).events]
+    assert [e.type for e in events] == ["herald.operation.running", "ThingStarted", "ThingHappened",
+                                         "herald.operation.succeeded"]
+    staged = events[2]
+    assert (staged.correlationid, staged.causationid, staged.subject) == (op_id, events[0].causationid, "things/1")
+    assert [s.event for s in (await quick_herald.broker.read("chats/elsewhere", None)).events] == [staged]
+    assert (await quick_herald.wait_status(op_id, "succeeded"))["result"] == {"ok": True}
+    assert separate_acks == []  # acknowledged with the success
+    await assert_acknowledged(quick_herald)
+
+
+async def test_retry_discards_the_staged_events_of_its_attempt(
+    quick_herald: Herald, separate_acks: list[Delivery]
+) -> None:
+    op_id = await submit(quick_herald)
+    calls: list[int] = []
+
+    async def handler(ctx: Context) -> str:
+        calls.append(ctx.operation.attempts)
+        ctx.stage("ThingHappened", {"attempt": len(calls)}, topics=["chats/elsewhere"])
+        if len(calls) == 1:
+            raise Retry()
+        return "done"
+
+    await run_worker(quick_herald, handler)
+    assert calls == [1, 2]
+    page = await quick_herald.broker.read(operation_topic(op_id), None)
+    assert [(s.event.type, s.event.data.get("attempt")) for s in page.events] == [
+        ("herald.operation.running", None), ("herald.operation.running", None), ("ThingHappened", 2),
+        ("herald.operation.succeeded", None),
+    ]
+    elsewhere = (await quick_herald.broker.read("chats/elsewhere", None)).events
+    assert [s.event.data for s in elsewhere] == [{"attempt": 2}]
+    assert separate_acks == []
+    await assert_acknowledged(quick_herald)
+
+
+async def test_staged_events_go_out_with_a_failure_too(quick_herald: Herald, separate_acks: list[Delivery]) -> None:
+    op_id = await submit(quick_herald)
+
+    async def handler(ctx: Context) -> None:
+        ctx.stage("ThingTried", {"x": 1})
+        raise RuntimeError("kaput")
+
+    await run_worker(quick_herald, handler)
+    assert (await quick_herald.wait_status(op_id, "failed"))["error"]["detail"] == "RuntimeError: kaput"
+    assert await topic_types(quick_herald, operation_topic(op_id)) == [
+        "herald.operation.running", "ThingTried", "herald.operation.failed"
+    ]
+    assert separate_acks == []
+    await assert_acknowledged(quick_herald)
+
+
+async def test_the_workers_own_endings_acknowledge_the_request_in_the_same_step(
+    quick_herald: Herald, separate_acks: list[Delivery]
+) -> None:
+    canceled = await submit(quick_herald, "cancel me")
+    assert (await quick_herald.client.delete(f"/operations/{canceled}")).status_code == 202
+    exhausted = await submit(quick_herald, "retry me")
+    ran: list[str] = []
+
+    async def handler(ctx: Context) -> None:
+        ran.append(ctx.data["text"])
+        raise Retry()
+
+    await run_worker(quick_herald, handler, max_attempts=2)
+    assert ran == ["retry me", "retry me"]  # the cancelled one never ran
+    assert (await quick_herald.wait_status(canceled, "canceled"))["status"] == "canceled"
+    doc = await quick_herald.wait_status(exhausted, "failed")
+    assert doc["error"]["type"] == "https://herald.dev/problems/attempts-exhausted"
+    assert separate_acks == []
+    await assert_acknowledged(quick_herald)
+
+
+async def test_stage_after_the_operation_ended_is_refused(idle_herald: Herald) -> None:
+    await submit(idle_herald)
+    refused: list[Exception] = []
+
+    async def handler(ctx: Context) -> None:
+        await ctx.succeed("done")
+        try:
+            ctx.stage("TooLate")
+        except RuntimeError as exc:
+            refused.append(exc)
+
+    await run_worker(idle_herald, handler)
+    assert len(refused) == 1
