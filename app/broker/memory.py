@@ -171,8 +171,14 @@ class MemoryBroker(Broker):
     def _ack(self, delivery: Delivery) -> None:
         type_, delivery_id = delivery.delivery_id.split("|", 1)
         queue = self._queues.get(type_)
-        if queue is not None:
-            queue.inflight.pop(delivery_id, None)
+        if queue is None or queue.inflight.pop(delivery_id, None) is not None:
+            return
+        # timed out and made available again, not yet taken: the work is done after all, so drop it
+        # (as Redis's XDEL does); a scan, but only on this rare path
+        for i, (ready_id, _, _) in enumerate(queue.ready):
+            if ready_id == delivery_id:
+                del queue.ready[i]
+                return
 
     async def extend(self, deliveries: Sequence[Delivery], consumer: str) -> list[Delivery]:
         """Push the deadline of deliveries still out as handed (same delivery count) one visibility timeout on."""

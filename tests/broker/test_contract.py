@@ -102,6 +102,21 @@ async def test_unacknowledged_delivery_comes_back_after_the_visibility_timeout(b
     assert await broker.consume([REQUEST], "w1", block=VISIBILITY * 2) == []
 
 
+async def test_a_late_ack_of_a_timed_out_delivery_still_removes_it(broker: Broker) -> None:
+    # a worker stalled past the visibility timeout finishes after all: its ack must stick even though the
+    # request was already made available again (and not yet taken), or the finished work runs a second time
+    for _ in range(2):
+        await broker.accept(*command())
+    first = await broker.consume([REQUEST], "w1", count=2, block=1)
+    assert len(first) == 2
+    await asyncio.sleep(VISIBILITY * 1.5)
+    [taken] = await broker.consume([REQUEST], "w2", count=1, block=1)  # reclaims; one is taken, one left
+    [late] = [d for d in first if d.event.id != taken.event.id]
+    await broker.ack(late)
+    await broker.ack(taken)
+    assert await broker.consume([REQUEST], "w3", count=2, block=VISIBILITY * 2) == []
+
+
 async def test_released_delivery_is_available_at_once(broker: Broker) -> None:
     op, request = command()
     await broker.accept(op, request)
