@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,25 @@ def _c_budget(results: list[Result], meta: dict[str, Any]) -> list[str]:
                   f"{floor['connections']:,} loopback TCP connections read by another process costs "
                   f"{_fmt(floor['us_per_write'])} µs of CPU ({_fmt(floor['system_us_per_write'])} µs in the kernel). "
                   "Every server pays at least that per delivery in C."]
+        lines += _c_ceiling(rows, floor["us_per_write"])
     return [*lines, ""]
+
+
+def _c_ceiling(rows: list[Result], floor_us: float | None) -> list[str]:
+    """The most Herald could deliver in C if its server cost only the kernel's write, as a ratio to naive."""
+    herald = next((r for r in rows if r.target == "herald"), None)
+    naive = next((r for r in rows if r.target == "naive"), None)
+    if herald is None or naive is None or not floor_us or not naive.metrics.get("deliveries_per_s"):
+        return []
+    others = [herald.metrics.get(k) for k, _ in PARTIES[1:]]
+    if any(v is None for v in others):
+        return []
+    cores = os.cpu_count() or 1
+    ceiling = cores * 1e6 / (floor_us + sum(v for v in others if v is not None))
+    return ["", f"Ceiling, same run: with Herald's server at that floor and the other parties as measured, "
+                f"{cores} cores give at most {cores} x 10^6 / ({_fmt(floor_us)} + "
+                + " + ".join(_fmt(v) for v in others) + f") = {_fmt(round(ceiling))} deliveries/s, "
+                f"{_fmt_ratio(ratio(ceiling, naive.metrics['deliveries_per_s']))} naive's measured rate."]
 
 
 def markdown(results: list[Result], meta: dict[str, Any], targets: list[str]) -> str:

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from bench.loadgen import envelope, latency_summary, percentile, sse_messages
-from bench.report import Result, checks, markdown, ratio
+from bench.report import Result, _c_ceiling, checks, markdown, ratio
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,3 +109,15 @@ def test_ratios_and_targets_are_judged_on_the_measured_figures() -> None:
             "targets": {"herald": "h", "naive": "n"}}
     table = markdown([a("herald", 12.0), a("naive", 60.0)], meta, ["herald", "naive"])
     assert "| A | 10,000 SSE all connected" in table
+
+
+def test_c_ceiling_puts_herald_at_the_kernel_floor_and_compares_with_naive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    parties = {"cpu_us_per_delivery": 30.0, "redis_cpu_us_per_delivery": 9.0,
+               "publisher_cpu_us_per_delivery": 6.0, "loadgen_cpu_us_per_delivery": 14.0}
+    rows = [Result("C", "as fast", "herald", {**parties, "deliveries_per_s": 20_000.0}),
+            Result("C", "as fast", "naive", {**parties, "deliveries_per_s": 10_000.0})]
+    [_, line] = _c_ceiling(rows, 11.0)
+    # 2e6 / (11 + 9 + 6 + 14) = 50,000/s, five times naive's 10,000/s; Herald's own server figure plays no part
+    assert "= 50,000 deliveries/s, 5.00x naive" in line
+    assert _c_ceiling(rows[:1], 11.0) == [] and _c_ceiling(rows, None) == []
