@@ -16,7 +16,6 @@ import argparse
 import os
 import selectors
 import socket
-import sys
 import time
 
 import orjson
@@ -81,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -110,7 +111,7 @@ async def sse_client(port: int, path: str, tally: Tally, stop: asyncio.Event) ->
         lost: asyncio.Future[None] = loop.create_future()
         try:
             transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda lost=lost: SSEClient(request, tally, lost), HOST, port), 30)
+                loop.create_connection(functools.partial(SSEClient, request, tally, lost), HOST, port), 30)
         except (OSError, TimeoutError) as exc:
             tally.error(f"sse connect {type(exc).__name__}")
             await asyncio.sleep(1)
@@ -120,7 +121,8 @@ async def sse_client(port: int, path: str, tally: Tally, stop: asyncio.Event) ->
         tally.open += 1
         first = False
         stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([lost, stopped], return_when=asyncio.FIRST_COMPLETED)
+        waits: list[asyncio.Future[Any]] = [lost, stopped]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         transport.abort()
         tally.open -= 1
