@@ -5,7 +5,10 @@ follows, and hands every live frame to each of those connections' queues. Nothin
 encoded here: a :class:`~app.protocol.Frame` is framed once and shared.
 
 A :class:`Subscriber` is one SSE stream or WebSocket. Its transport coroutine awaits
-:meth:`Subscriber.next_batch` and writes what it gets. When a queue would overflow, the
+:meth:`Subscriber.next_batch` and writes what it gets. A transport may also give the
+subscriber a ``direct`` write: a live frame that finds the queue empty and the coroutine
+parked is then written at once, without waking it (``direct`` returns ``False`` when it
+cannot write now, and the frame is queued as usual, so order and the queue bound hold). When a queue would overflow, the
 subscriber is marked overflowed: its queue is dropped (memory stays bounded), the transport
 is told to close with ``slow-consumer`` as the reason, and if the transport does not get
 to write that within the grace period its task is cancelled. The client reconnects with its
@@ -57,6 +60,7 @@ class Subscriber:
         "_held",
         "_waiter",
         "closed",
+        "direct",
         "dropped",
         "heartbeat_due",
         "max_queue",
@@ -83,6 +87,8 @@ class Subscriber:
         self.heartbeat_due = False
         self.overflowed_at: float | None = None
         self.task: asyncio.Task[object] | None = None
+        self.direct: Callable[[Frame], bool] | None = None
+        """Writes a live frame now if it can (see the module docstring); set by the transport."""
 
     # Called by the hub (on the event loop, never awaiting) ------------------------------
     def push(self, frame: Frame) -> None:
@@ -105,6 +111,10 @@ class Subscriber:
         if not backlog and len(self.queue) - self._backlog >= self.max_queue:
             self.overflow()
             return
+        if self.direct is not None and not backlog and not self.queue:
+            waiter = self._waiter  # parked and not yet woken: nothing of ours is on its way to the client
+            if waiter is not None and not waiter.done() and self.direct(frame):
+                return
         self.queue.append(frame)
         if backlog:
             self._backlog += 1

@@ -50,7 +50,7 @@ def _describe(kinds: list[TargetKind]) -> dict[str, str]:
         if kind.name == "herald":
             broker = ("Redis broker, one gateway process + one `python -m app.worker`" if servers.herald_uses_redis()
                       else "memory broker with the embedded worker (the Redis broker is not in this tree yet)")
-            out["herald"] = f"{broker}; {uvicorn}"
+            out["herald"] = f"{broker}; {uvicorn.replace('httptools', servers.HERALD_HTTP)}"
         elif kind.name == "naive":
             out["naive"] = ("bench/baselines/naive.py: starlette + sse-starlette, one Redis pub/sub connection per "
                             f"subscriber, commands via a Redis list and one worker process; {uvicorn}")

@@ -280,6 +280,7 @@ def herald_uses_redis() -> bool:
     return (ROOT / "app" / "broker" / "redis.py").exists()
 
 
+HERALD_HTTP = "app.http.fastwrite:HttpToolsProtocol"
 UVICORN_FLAGS = ["--loop", "uvloop", "--http", "httptools", "--backlog", "4096", "--no-access-log",
                  "--log-level", "warning", "--timeout-graceful-shutdown", "1"]
 
@@ -297,9 +298,11 @@ def start_herald(workdir: Path, redis: RedisServer, *, ws: str = "websockets-san
         env["HERALD_EMBEDDED_WORKER"] = "0"
     else:
         target.notes.append("memory broker, embedded worker (app/broker/redis.py not in this tree yet)")
+    # Herald's own httptools protocol (app/http/fastwrite.py), as in its Procfile; the baselines get uvicorn's
+    flags = [HERALD_HTTP if f == "httptools" else f for f in UVICORN_FLAGS]
     target.processes.append(spawn("herald-gateway", [
         PYTHON, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", HOST, "--port", str(port),
-        "--ws", ws, *UVICORN_FLAGS,
+        "--ws", ws, *flags,
     ], workdir, env=env))
     if herald_uses_redis():
         target.processes.append(spawn("herald-worker", [PYTHON, "-m", "app.worker"], workdir, env=env))

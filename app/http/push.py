@@ -24,6 +24,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from app.auth import Grant, TokenError
 from app.broker.base import BrokerError, HistoryPage
 from app.http.commands import parse_prefer, submit
+from app.http.fastwrite import ChunkWrite, take_chunk_writer
 from app.http.gateway import Gateway
 from app.http.problems import HTTPProblem, problem_response
 from app.hub import HEARTBEAT, Gap, Subscriber
@@ -148,6 +149,9 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": b"".join(preamble), "more_body": True})
             # the loop lives in this frame: a coroutine of its own would be one more frame per idle stream
             index = {t: i for i, t in enumerate(self.topics)} if vector else {}
+            write = take_chunk_writer(scope)  # Herald's uvicorn protocol only (app/http/fastwrite.py)
+            if write is not None and not vector:
+                sub.direct = _DirectWrite(write, positions, self.end_on_terminal)
             while True:
                 batch = await sub.next_batch()
                 if not batch:
@@ -169,6 +173,7 @@ class EventStream(Response):
             log.info("cut off a slow SSE client", extra={"event": "push.slow_consumer"})
             return
         finally:
+            sub.direct = None
             watcher.cancel()
             await hub.leave(sub)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -208,6 +213,25 @@ class EventStream(Response):
             if item.terminal and self.end_on_terminal:
                 return b"".join(parts), True
         return b"".join(parts), False
+
+
+class _DirectWrite:
+    """The hub's direct write for a single-topic stream: a frame as one chunk, its cursor noted as sent."""
+
+    __slots__ = ("end_on_terminal", "positions", "write")
+
+    def __init__(self, write: ChunkWrite, positions: list[str | None], end_on_terminal: bool) -> None:
+        self.write = write
+        self.positions = positions
+        self.end_on_terminal = end_on_terminal
+
+    def __call__(self, frame: Frame) -> bool:
+        if frame.terminal and self.end_on_terminal:
+            return False  # the stream's coroutine writes it and ends the stream
+        if not self.write(frame.sse):
+            return False
+        self.positions[0] = frame.cursor
+        return True
 
 
 _NO_CONTEXT = contextvars.Context()  # the watch reads no context variable: no copy of the caller's per connection

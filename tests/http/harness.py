@@ -22,7 +22,7 @@ from app.http.gateway import Gateway
 from app.http.problems import PROBLEM_BASE, PROBLEM_JSON
 from app.main import create_app
 from app.settings import Settings
-from tests.support.server import TEST_SECRET
+from tests.support.server import HERALD_HTTP, TEST_SECRET
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -101,14 +101,19 @@ async def in_process(**overrides: Any) -> AsyncIterator[Herald]:
 
 
 @contextlib.asynccontextmanager
-async def served(**overrides: Any) -> AsyncIterator[LiveHerald]:
-    """An app built from ``make_settings(**overrides)``, served by uvicorn on a free loopback port."""
+async def served(*, http: str = HERALD_HTTP, **overrides: Any) -> AsyncIterator[LiveHerald]:
+    """An app built from ``make_settings(**overrides)``, served by uvicorn on a free loopback port.
+
+    ``http`` is uvicorn's HTTP protocol: Herald's own (app/http/fastwrite.py, as the Procfile runs it)
+    unless a test asks for uvicorn's ``"httptools"`` or ``"h11"``.
+    """
     app = create_app(make_settings(**overrides))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False, timeout_graceful_shutdown=1)
+    config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False, timeout_graceful_shutdown=1,
+                            http=http)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn-{port}")
     try:

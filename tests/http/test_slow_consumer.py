@@ -1,7 +1,9 @@
 """A slow consumer is cut off with a reason it can act on, loses nothing, and never slows the others.
 
 Two ways to fall behind: a burst larger than the queue while the connection is healthy (the
-transport then says why it closes: SSE ``herald.disconnect``, WebSocket close ``4008``), and a
+transport then says why it closes: SSE ``herald.disconnect``, WebSocket close ``4008``; on
+Herald's own uvicorn protocol an SSE frame that finds the stream idle is written to the socket
+at once, so there a burst fills the queue only once the socket itself is full), and a
 client that stops reading altogether (its socket buffers fill, its queue overflows, and after
 ``slow_client_grace`` its connection is cut) while a well-behaved client on the same topic
 receives every event.
@@ -109,7 +111,8 @@ async def publish_until_cut_off(live: LiveHerald, topic: str, keeper: SSEStream 
 async def test_sse_burst_overflow_says_herald_disconnect_and_the_cursor_resumes_it(
     make_live: Callable[..., Awaitable[LiveHerald]],
 ) -> None:
-    live = await make_live(queue_size=4)
+    # uvicorn's own protocol: every frame goes through the stream's queue, which the burst overflows
+    live = await make_live(queue_size=4, http="httptools")
     url = f"/topics/chats/burst/events?token={live.gateway.signer.issue(['chats/burst'])}"
     (before,) = await publish(live, "chats/burst", 1)
     async with sse_connect(live.client, url) as stream:
@@ -129,6 +132,22 @@ async def test_sse_burst_overflow_says_herald_disconnect_and_the_cursor_resumes_
         resumed = await stream.messages(10)
     assert [b.id for b in resumed] == cursors
     assert live.gateway.hub.slow_disconnects == 1
+
+
+async def test_sse_burst_to_a_reading_client_is_written_straight_through_on_heralds_protocol(
+    make_live: Callable[..., Awaitable[LiveHerald]],
+) -> None:
+    # the same burst as above on Herald's protocol (the default here, as in the Procfile): each frame
+    # finds the stream idle and goes to the socket at once, so the small queue never fills
+    live = await make_live(queue_size=4)
+    url = f"/topics/chats/burst/events?token={live.gateway.signer.issue(['chats/burst'])}"
+    async with sse_connect(live.client, url) as stream:
+        await stream.next_block()
+        cursors = await publish(live, "chats/burst", 10)
+        got = await stream.messages(10)
+    assert [b.id for b in got] == cursors
+    assert [b.json()["data"]["n"] for b in got] == list(range(10))
+    assert live.gateway.hub.slow_disconnects == 0
 
 
 async def test_websocket_burst_overflow_closes_4008(make_live: Callable[..., Awaitable[LiveHerald]]) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_SECRET = "herald-test-secret-0123456789abcdef"
+HERALD_HTTP = "app.http.fastwrite:HttpToolsProtocol"
+"""uvicorn's --http for Herald: its own httptools protocol, with the direct SSE write."""
 
 
 def free_port() -> int:
@@ -72,6 +74,7 @@ class HeraldServer:
         command = [
             sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
             "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log",
+            "--http", HERALD_HTTP,  # as the Procfile runs it
         ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
