@@ -34,7 +34,7 @@ import httpx
 import orjson
 import websockets
 
-from bench.servers import HOST, ROOT, Managed, RedisServer, free_port, raise_fd_limit, spawn, wait_http
+from bench.servers import HERALD_HTTP, HOST, ROOT, Managed, RedisServer, free_port, raise_fd_limit, spawn, wait_http
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SECRET = "soak-secret-not-for-production-0123456789"
@@ -219,7 +219,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             procs.append(spawn("worker", [sys.executable, "-m", "app.worker"], workdir, env=env))
         gateway = spawn("gateway", [
             sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", HOST, "--port", str(port),
-            "--loop", "uvloop", "--http", "httptools", "--ws", "websockets-sansio", "--no-access-log",
+            "--loop", "uvloop", "--http", HERALD_HTTP, "--ws", "websockets-sansio", "--no-access-log",
         ], workdir, env=env)
         procs.append(gateway)
         wait_http(f"http://{HOST}:{port}/readyz", procs)
