@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 run:
 	scripts/bootstrap run
-	.venv/bin/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT) --loop uvloop --http app.http.fastwrite:HttpToolsProtocol --timeout-graceful-shutdown 10
+	.venv/bin/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT) --loop uvloop --http herald.http.fastwrite:HttpToolsProtocol --timeout-graceful-shutdown 10
 
 test:
 	scripts/bootstrap test

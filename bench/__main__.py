@@ -48,7 +48,7 @@ def _describe(kinds: list[TargetKind]) -> dict[str, str]:
     out: dict[str, str] = {}
     for kind in kinds:
         if kind.name == "herald":
-            broker = ("Redis broker, one gateway process + one `python -m app.worker`" if servers.herald_uses_redis()
+            broker = ("Redis broker, one gateway process + one `python -m herald.worker`" if servers.herald_uses_redis()
                       else "memory broker with the embedded worker (the Redis broker is not in this tree yet)")
             out["herald"] = f"{broker}; {uvicorn.replace('httptools', servers.HERALD_HTTP)}"
         elif kind.name == "naive":

@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 import hiredis
 import orjson
 
-from app.events import Event, build_event
+from herald.events import Event, build_event
 
 Publish = Callable[[Sequence[tuple[str, int]]], Awaitable[None]]
 
@@ -119,7 +119,7 @@ async def _publisher(spec: dict[str, Any]) -> tuple[Publish, Callable[[], Awaita
         pool = [await RawRedis.connect(spec["redis_url"]) for _ in range(int(spec.get("concurrency", 4)))]
         turn = itertools.cycle(pool)
         if kind == "herald":
-            from app.broker.redis import RedisBroker
+            from herald.broker.redis import RedisBroker
 
             broker = RedisBroker(spec["redis_url"])
             await broker.publish_many([("bench-warm-up", tick(-1))])  # loads the publish script into Redis

@@ -4,7 +4,7 @@ Every server here listens on a free loopback port, keeps its files in a temporar
 stopped by its own process group id. Nothing touches a Redis the bench did not start.
 
 * :class:`RedisServer`: the bench's own ``redis-server`` (no persistence), one per scenario.
-* :class:`HeraldServer`: the gateway (uvicorn, one process) plus one ``python -m app.worker``.
+* :class:`HeraldServer`: the gateway (uvicorn, one process) plus one ``python -m herald.worker``.
 * :class:`NaiveServer`: :mod:`bench.baselines.naive` under the same uvicorn flags, plus its worker.
 * :class:`NchanServer`: nginx with ``ngx_nchan_module``, one worker process, Redis storage.
 
@@ -280,7 +280,7 @@ def herald_uses_redis() -> bool:
     return (ROOT / "app" / "broker" / "redis.py").exists()
 
 
-HERALD_HTTP = "app.http.fastwrite:HttpToolsProtocol"
+HERALD_HTTP = "herald.http.fastwrite:HttpToolsProtocol"
 UVICORN_FLAGS = ["--loop", "uvloop", "--http", "httptools", "--backlog", "4096", "--no-access-log",
                  "--log-level", "warning", "--timeout-graceful-shutdown", "1"]
 
@@ -305,7 +305,7 @@ def start_herald(workdir: Path, redis: RedisServer, *, ws: str = "websockets-san
         "--ws", ws, *flags,
     ], workdir, env=env))
     if herald_uses_redis():
-        target.processes.append(spawn("herald-worker", [PYTHON, "-m", "app.worker"], workdir, env=env))
+        target.processes.append(spawn("herald-worker", [PYTHON, "-m", "herald.worker"], workdir, env=env))
     return _ready(target, f"http://{HOST}:{port}/readyz")
 
 

@@ -3,7 +3,7 @@
 ``python -m bench.soak [--minutes 10] [--connections 2000] [--rate 5] [--broker redis|memory]``
 
 It starts its own Herald gateway (uvicorn, the Procfile's flags) on a free loopback port — and,
-with ``--broker redis``, its own ``redis-server`` and one ``python -m app.worker`` — opens the
+with ``--broker redis``, its own ``redis-server`` and one ``python -m herald.worker`` — opens the
 connections (half SSE, half WebSocket, spread over chat rooms), then POSTs chat messages at a
 steady rate for the whole run while every connection receives its room's events. Every
 ``--sample`` seconds it reads the gateway's resident memory (``/proc/<pid>/statm``) and open
@@ -216,7 +216,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if args.broker == "redis":
             redis = RedisServer(workdir).start()
             env["REDIS_URL"] = redis.url
-            procs.append(spawn("worker", [sys.executable, "-m", "app.worker"], workdir, env=env))
+            procs.append(spawn("worker", [sys.executable, "-m", "herald.worker"], workdir, env=env))
         gateway = spawn("gateway", [
             sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", HOST, "--port", str(port),
             "--loop", "uvloop", "--http", HERALD_HTTP, "--ws", "websockets-sansio", "--no-access-log",

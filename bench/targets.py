@@ -11,9 +11,9 @@ from urllib.parse import quote
 
 import orjson
 
-from app.auth import TokenSigner
 from bench import servers
 from bench.servers import RedisServer, Target
+from herald.auth import TokenSigner
 
 
 class TargetKind:

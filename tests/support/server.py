@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_SECRET = "herald-test-secret-0123456789abcdef"
-HERALD_HTTP = "app.http.fastwrite:HttpToolsProtocol"
+HERALD_HTTP = "herald.http.fastwrite:HttpToolsProtocol"
 """uvicorn's --http for Herald: its own httptools protocol, with the direct SSE write."""
 
 

@@ -1,1 +1,0 @@
-"""Herald: a real-time push gateway for asynchronous operations."""

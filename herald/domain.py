@@ -1,0 +1,247 @@
+"""``Domain``: one application's commands, read routes, handlers, topic rules and event types.
+
+A domain is what a team writes to put Herald in front of its own work::
+
+    orders = Domain("orders")
+
+    @orders.command("POST", "/orders", event="OrderPlaced", schema=ORDER_SCHEMA)
+    def place(params: dict, body: dict) -> dict:
+        return {"item": body["item"], "qty": body["qty"]}
+
+    @orders.handler("OrderPlaced")
+    async def confirm(ctx: Context) -> None:
+        ...
+
+``create_app(settings, domains=[orders])`` serves its commands and read routes; ``herald worker
+mypkg.orders:orders`` (or the embedded worker) runs its handlers. The command schema is the one
+source of validation, of ``/openapi.json`` and of ``/asyncapi.json``. Declaring is pure: nothing
+here does I/O, and every mistake (a bad schema, a route declared twice) is raised at import.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from starlette.routing import BaseRoute, Route
+
+from herald.schema import Validator, compile_schema
+from herald.worker import Handler
+
+SubscribeRule = Literal["anyone", "token", "owner"]
+SUBSCRIBE_RULES: tuple[str, ...] = ("anyone", "token", "owner")
+COMMAND_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+_PARAM = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)(?::[a-z]+)?}")
+_EVENT_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,127}")
+
+
+class DomainError(ValueError):
+    """A declaration that cannot work (raised when the domain is declared or combined, never per request)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommandInput:
+    """What a command function may return instead of plain data: the event's data and its subject."""
+
+    data: Any
+    subject: str | None = None
+
+
+CommandFunction = Callable[[dict[str, str], Any], Any]
+"""``(path parameters, validated body) -> request event data`` (or a :class:`CommandInput`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command route: ``method path`` becomes a request event of ``event_type``."""
+
+    method: str
+    path: str
+    event_type: str
+    build: CommandFunction
+    summary: str = ""
+    schema: dict[str, Any] | None = None
+    subject: str | None = None
+    """A template of the request event's subject, filled from the path parameters (e.g. ``chats/{room}``)."""
+    validate: Validator | None = None
+
+    def parse(self, params: dict[str, str], body: Any) -> CommandInput:
+        """Validate ``body`` (:class:`~herald.schema.SchemaViolation`) and build the request event's data."""
+        if self.validate is not None:
+            self.validate(body)
+        out = self.build(params, body)
+        if isinstance(out, CommandInput):
+            return out
+        return CommandInput(out, self.subject.format(**params) if self.subject else None)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRule:
+    """Who may subscribe to the topics matching ``pattern`` (``orders/{id}``; ``{name}`` is one segment)."""
+
+    pattern: str
+    subscribe: SubscribeRule = "token"
+    summary: str = ""
+    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.subscribe not in SUBSCRIBE_RULES:
+            raise DomainError(f"topic {self.pattern!r}: subscribe must be one of {SUBSCRIBE_RULES}")
+        parts = _PARAM.split(self.pattern)
+        # split() alternates literal text and parameter names
+        regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+)" for i, p in enumerate(parts))
+        object.__setattr__(self, "regex", re.compile(regex))
+
+    def match(self, topic: str) -> dict[str, str] | None:
+        """The pattern's parameters if ``topic`` matches it, else ``None``."""
+        found = self.regex.fullmatch(topic)
+        return found.groupdict() if found else None
+
+
+@dataclass(frozen=True, slots=True)
+class EventType:
+    """An event type a domain publishes: its schema and the topics it goes to (for ``/asyncapi.json``)."""
+
+    type: str
+    schema: dict[str, Any] | None = None
+    summary: str = ""
+    topics: tuple[str, ...] = ()
+
+
+class Domain:
+    """A domain's commands, read routes, handlers, topic rules and event types (see the module docstring)."""
+
+    def __init__(self, name: str, *, title: str = "", description: str = "") -> None:
+        self.name = name
+        self.title = title or name
+        self.description = description
+        self.commands: list[Command] = []
+        self.routes: list[BaseRoute] = []
+        self.handlers: dict[str, Handler] = {}
+        self.topics: list[TopicRule] = []
+        self.events: dict[str, EventType] = {}
+
+    def __repr__(self) -> str:
+        return f"Domain({self.name!r}: {len(self.commands)} commands, {len(self.handlers)} handlers)"
+
+    def command(
+        self,
+        method: str,
+        path: str,
+        *,
+        event: str,
+        schema: dict[str, Any] | None = None,
+        summary: str = "",
+        subject: str | None = None,
+    ) -> Callable[[CommandFunction], CommandFunction]:
+        """Declare ``method path`` as a command that becomes a request event of type ``event``.
+
+        The decorated function gets the path parameters and the body (already valid against
+        ``schema``) and returns the request event's data; it may raise
+        :class:`~herald.HTTPProblem` for what a schema cannot say (a path parameter out of range).
+        """
+        method = method.upper()
+        if method not in COMMAND_METHODS:
+            raise DomainError(f"{method} {path}: commands are one of {COMMAND_METHODS}")
+        if not path.startswith("/"):
+            raise DomainError(f"{path!r}: a command path starts with '/'")
+        _check_event_type(event)
+        validate = compile_schema(schema) if schema is not None else None
+
+        def register(fn: CommandFunction) -> CommandFunction:
+            for existing in self.commands:
+                if (existing.method, existing.path) == (method, path):
+                    raise DomainError(f"{method} {path} is declared twice in domain {self.name!r}")
+            self.commands.append(Command(method, path, event, fn, summary or (fn.__doc__ or "").strip(),
+                                         schema, subject, validate))
+            return fn
+
+        return register
+
+    def handler(self, event_type: str) -> Callable[[Handler], Handler]:
+        """Declare the worker handler of request events of ``event_type``."""
+        _check_event_type(event_type)
+
+        def register(fn: Handler) -> Handler:
+            if event_type in self.handlers:
+                raise DomainError(f"{event_type} has two handlers in domain {self.name!r}")
+            self.handlers[event_type] = fn
+            return fn
+
+        return register
+
+    def route(
+        self, method: str | Iterable[str], path: str, *, name: str | None = None
+    ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+        """Declare a read route: a Starlette endpoint ``async def endpoint(request) -> Response``."""
+        methods = [method] if isinstance(method, str) else list(method)
+
+        def register(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            self.routes.append(Route(path, fn, methods=[m.upper() for m in methods], name=name))
+            return fn
+
+        return register
+
+    def topic(self, pattern: str, *, subscribe: SubscribeRule = "token", summary: str = "") -> TopicRule:
+        """Declare who may subscribe to the topics matching ``pattern``: anyone, a token holder or the owner."""
+        rule = TopicRule(pattern, subscribe, summary)
+        self.topics.append(rule)
+        return rule
+
+    def event(
+        self, type: str, *, schema: dict[str, Any] | None = None, summary: str = "", topics: Iterable[str] = ()
+    ) -> EventType:
+        """Declare an event type this domain publishes (a response event), with its data's schema."""
+        _check_event_type(type)
+        if schema is not None:
+            compile_schema(schema)  # a broken schema fails here, not in a client's code generator
+        declared = EventType(type, schema, summary, tuple(topics))
+        self.events[type] = declared
+        return declared
+
+
+def _check_event_type(event_type: str) -> None:
+    if not _EVENT_TYPE.fullmatch(event_type) or event_type.startswith("herald."):
+        raise DomainError(f"{event_type!r} is not a usable event type (letters, digits, '.', '_', '-'; "
+                          "'herald.' is Herald's own)")
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """Every domain an app serves, combined: what the gateway and the worker look things up in."""
+
+    domains: tuple[Domain, ...]
+    commands: tuple[Command, ...]
+    handlers: dict[str, Handler]
+    topics: tuple[TopicRule, ...]
+    events: dict[str, EventType]
+
+    @classmethod
+    def of(cls, domains: Iterable[Domain]) -> Catalog:
+        """Combine ``domains``; :class:`DomainError` on a command, handler or event type declared twice."""
+        domains = tuple(domains)
+        seen_commands: dict[tuple[str, str], str] = {}
+        handlers: dict[str, Handler] = {}
+        events: dict[str, EventType] = {}
+        for domain in domains:
+            for command in domain.commands:
+                key = (command.method, command.path)
+                if key in seen_commands:
+                    raise DomainError(f"{key[0]} {key[1]} is declared by {seen_commands[key]!r} and {domain.name!r}")
+                seen_commands[key] = domain.name
+            for event_type, handler in domain.handlers.items():
+                if event_type in handlers:
+                    raise DomainError(f"{event_type} has handlers in two domains")
+                handlers[event_type] = handler
+            events.update(domain.events)
+        return cls(domains, tuple(c for d in domains for c in d.commands), handlers,
+                   tuple(t for d in domains for t in d.topics), events)
+
+    def topic_rule(self, topic: str) -> TopicRule | None:
+        """The first declared rule matching ``topic``."""
+        for rule in self.topics:
+            if rule.match(topic) is not None:
+                return rule
+        return None

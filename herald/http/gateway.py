@@ -1,0 +1,110 @@
+"""The state one gateway process shares between its endpoints, and what a domain's read routes may use.
+
+A read route gets it with ``Gateway.of(request)``: :meth:`Gateway.topic_urls` hands out
+subscribe URLs, :meth:`Gateway.tail` and :meth:`Gateway.resource` read what workers stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from starlette.requests import HTTPConnection
+
+from herald.auth import TokenSigner
+from herald.broker.base import Broker, BrokerError, StoredEvent
+from herald.domain import Catalog
+from herald.http.problems import HTTPProblem
+from herald.hub import Hub
+from herald.metrics import Metrics
+from herald.operations import Operation, operation_topic
+from herald.settings import Settings
+
+if TYPE_CHECKING:
+    from herald.http.commands import CommandRouter
+
+
+@dataclass(slots=True)
+class Gateway:
+    """Settings, broker, hub and token signer of this process, and the URLs they hand out."""
+
+    settings: Settings
+    broker: Broker
+    hub: Hub
+    signer: TokenSigner
+    accepting: bool = True
+    metrics: Metrics | None = None
+    catalog: Catalog = field(default_factory=lambda: Catalog.of([]))
+    commands: CommandRouter | None = None
+
+    @classmethod
+    def of(cls, conn: HTTPConnection) -> Gateway:
+        """The gateway of the app serving this request or socket."""
+        gateway: Gateway = conn.app.state.gateway
+        return gateway
+
+    async def tail(self, topic: str, count: int) -> list[StoredEvent]:
+        """The last ``count`` events of ``topic``'s history, oldest first (a 503 problem if the broker is down)."""
+        try:
+            return await self.broker.tail(topic, count)
+        except BrokerError as exc:
+            raise _unavailable() from exc
+
+    async def resource(self, path: str) -> dict[str, Any] | None:
+        """The document a worker stored at ``path`` (``Context.put_resource``), or ``None``."""
+        try:
+            return await self.broker.get_resource(path)
+        except BrokerError as exc:
+            raise _unavailable() from exc
+
+    def base_url(self, conn: HTTPConnection) -> str:
+        """The prefix for HTTP URLs: ``HERALD_PUBLIC_URL``, or empty for relative URLs."""
+        return self.settings.public_url
+
+    def ws_base_url(self, conn: HTTPConnection) -> str:
+        """The absolute ``ws://`` or ``wss://`` origin clients should use."""
+        if self.settings.public_url:
+            return "ws" + self.settings.public_url.removeprefix("http")
+        scheme = "wss" if conn.url.scheme in ("https", "wss") else "ws"
+        host = conn.headers.get("host") or f"{conn.url.hostname}:{conn.url.port}"
+        return f"{scheme}://{host}"
+
+    def topic_urls(self, conn: HTTPConnection, topics: list[str], *, subject: str | None = None) -> dict[str, str]:
+        """``subscribe_url`` (SSE) and ``websocket_url`` for ``topics``, each with a token opening them."""
+        token = self.signer.issue(topics, subject=subject)
+        query = "&".join("topic=" + quote(t, safe="/") for t in topics)
+        return {
+            "subscribe_url": f"{self.base_url(conn)}/topics/events?{query}&token={token}"
+            if len(topics) != 1
+            else f"{self.base_url(conn)}/topics/{quote(topics[0], safe='/')}/events?token={token}",
+            "websocket_url": f"{self.ws_base_url(conn)}/ws?{query}&token={token}",
+        }
+
+    def operation_body(self, conn: HTTPConnection, op: Operation, *, subject: str | None = None) -> dict[str, Any]:
+        """The public representation of an operation, with its URLs."""
+        base = self.base_url(conn)
+        topic = operation_topic(op.id)
+        token = self.signer.issue([topic], subject=subject)
+        body: dict[str, Any] = {
+            "id": op.id,
+            "type": op.type,
+            "status": op.status.value,
+            "created_at": op.created_at,
+            "updated_at": op.updated_at,
+            "operation_url": f"{base}/operations/{op.id}",
+            "events_url": f"{base}/operations/{op.id}/events?token={token}",
+            "subscribe_url": f"{base}/operations/{op.id}/events?token={token}",
+            "websocket_url": f"{self.ws_base_url(conn)}/ws?topic={quote(topic, safe='/')}&token={token}",
+            "result": op.result,
+            "error": op.error,
+        }
+        if op.location:
+            body["location"] = f"{base}{op.location}"
+        if op.cancel_requested and not op.status.terminal:
+            body["cancel_requested"] = True
+        return body
+
+
+def _unavailable() -> HTTPProblem:
+    return HTTPProblem(503, "the broker is unreachable", kind="broker-unavailable", headers={"Retry-After": "2"})

@@ -1,0 +1,201 @@
+"""Who is calling: bearer JWTs on commands and reads, and the subscribe-token cookie for ``EventSource``.
+
+Authentication is off until ``HERALD_JWT_SECRET`` (HS256) or ``HERALD_JWT_PUBLIC_KEY``
+(RS256/ES256) is set: then :class:`BearerAuthMiddleware` verifies ``Authorization: Bearer``
+on every HTTP request and WebSocket handshake that carries one, puts its ``sub`` claim in
+``scope["herald.subject"]`` (the owner of the operations that caller creates), and refuses
+with ``401`` the requests that must be authenticated: every command (``POST``), every
+``DELETE``, and the reads under ``/operations/`` and ``/chats/`` — except the push streams
+(``…/events``, ``/ws``), which are opened by subscribe tokens (:mod:`herald.auth`) because a
+browser's ``EventSource`` cannot send headers.
+
+The cookie: ``POST /session/cookie`` with ``{"token": "<subscribe token>"}`` sets it as the
+``HttpOnly`` cookie ``herald_token``, so an ``EventSource`` (same site, or
+``withCredentials`` with CORS) opens streams without a token in its URL;
+``DELETE /session/cookie`` clears it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from herald.auth import TokenError
+from herald.http.commands import read_json_body
+from herald.http.gateway import Gateway
+from herald.http.limits import check_json_shape
+from herald.http.problems import HTTPProblem, problem_response
+from herald.protocol import WS_CLOSE_UNAUTHORIZED
+from herald.settings import Settings
+
+COOKIE = "herald_token"
+SESSION_COOKIE_PATH = "/session/cookie"
+_HMAC_ALGORITHMS = ("HS256",)
+_KEY_ALGORITHMS = ("RS256", "ES256")
+_MAX_TOKEN = 8192
+_MAX_SUBJECT = 256
+_LEEWAY = 30  # seconds of clock skew tolerated between the token issuer and this gateway
+_PROTECTED_READS = ("/operations/", "/chats/")
+_UNPROTECTED = frozenset({SESSION_COOKIE_PATH})
+
+
+class BearerError(Exception):
+    """A bearer token that cannot be used; ``detail`` says why (never the token itself)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class BearerVerifier:
+    """Verifies bearer JWTs with the configured keys; returns their subject."""
+
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        public_key: str | None = None,
+        audience: str | None = None,
+        issuer: str | None = None,
+    ) -> None:
+        if not (secret or public_key):
+            raise ValueError("a bearer verifier needs HERALD_JWT_SECRET or HERALD_JWT_PUBLIC_KEY")
+        self._keys: dict[str, Any] = {}
+        if secret:
+            self._keys.update(dict.fromkeys(_HMAC_ALGORITHMS, secret))
+        if public_key:
+            self._keys.update(dict.fromkeys(_KEY_ALGORITHMS, public_key))
+        self.audience = audience
+        self.issuer = issuer
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BearerVerifier | None:
+        """The verifier the settings ask for, or ``None`` in anonymous mode."""
+        if not settings.auth_enabled:
+            return None
+        return cls(secret=settings.jwt_secret, public_key=settings.jwt_public_key,
+                   audience=settings.jwt_audience, issuer=settings.jwt_issuer)
+
+    def subject(self, token: str) -> str:
+        """The ``sub`` of a valid token; :class:`BearerError` otherwise."""
+        if len(token) > _MAX_TOKEN:
+            raise BearerError("the bearer token is too long")
+        try:
+            # the algorithm picks the key; an algorithm with no configured key (or "none") is refused
+            algorithm = jwt.get_unverified_header(token).get("alg")
+            key = self._keys.get(algorithm) if isinstance(algorithm, str) else None
+            if key is None or not isinstance(algorithm, str):
+                raise BearerError(f"bearer tokens must be signed with one of {sorted(self._keys)}")
+            claims = jwt.decode(
+                token, key, algorithms=[algorithm], audience=self.audience, issuer=self.issuer, leeway=_LEEWAY,
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise BearerError("the bearer token has expired") from exc
+        except jwt.InvalidTokenError as exc:
+            raise BearerError("the bearer token is not valid") from exc
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject or len(subject) > _MAX_SUBJECT or not subject.isprintable():
+            raise BearerError("the bearer token's subject must be a printable string of 1-256 characters")
+        return subject
+
+
+def needs_bearer(method: str, path: str) -> bool:
+    """Whether a request must be authenticated when authentication is on (see the module docstring)."""
+    if path in _UNPROTECTED or path.endswith("/events"):
+        return False
+    if method in ("POST", "DELETE", "PUT", "PATCH"):
+        return True
+    return method in ("GET", "HEAD") and path.startswith(_PROTECTED_READS)
+
+
+class BearerAuthMiddleware:
+    """ASGI middleware: ``Authorization: Bearer <JWT>`` → ``scope["herald.subject"]``, or ``401``."""
+
+    def __init__(self, app: ASGIApp, verifier: BearerVerifier) -> None:
+        self.app = app
+        self.verifier = verifier
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Authenticate, then hand over to the app."""
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        header = _authorization(scope)
+        try:
+            if header is not None:
+                scheme, _, token = header.partition(" ")
+                if scheme.lower() != "bearer" or not token.strip():
+                    raise BearerError("use Authorization: Bearer <token>")
+                scope["herald.subject"] = self.verifier.subject(token.strip())
+            elif scope["type"] == "http" and needs_bearer(scope["method"], scope["path"]):
+                raise BearerError("this request needs Authorization: Bearer <token>")
+        except BearerError as exc:
+            challenge = 'Bearer realm="herald"' + (', error="invalid_token"' if header is not None else "")
+            response = problem_response(HTTPProblem(401, exc.detail, kind="unauthorized",
+                                                    headers={"WWW-Authenticate": challenge}))
+            if scope["type"] == "http":
+                await response(scope, receive, send)
+            elif "websocket.http.response" in scope.get("extensions", {}):  # the handshake answered with the 401
+                await WebSocket(scope, receive, send).send_denial_response(response)
+            else:
+                await send({"type": "websocket.close", "code": WS_CLOSE_UNAUTHORIZED, "reason": exc.detail})
+            return
+        await self.app(scope, receive, send)
+
+
+def _authorization(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return str(value.decode("latin-1"))
+    return None
+
+
+# The cookie ------------------------------------------------------------------------------------
+
+async def set_cookie(request: Request) -> Response:
+    """``POST /session/cookie`` ``{"token": …}``: keep a subscribe token as the ``HttpOnly`` cookie."""
+    gateway = Gateway.of(request)
+    body = await read_json_body(request, gateway.settings.max_body)
+    check_json_shape(body, gateway.settings)
+    token = body.get("token") if isinstance(body, dict) else None
+    if not isinstance(token, str) or set(body) != {"token"}:
+        raise HTTPProblem(422, 'the body must be {"token": "<subscribe token>"}', kind="invalid-body")
+    try:
+        grant = gateway.signer.verify(token)
+    except TokenError as exc:
+        raise HTTPProblem(exc.status, exc.detail, kind="invalid-token") from exc
+    subject = request.scope.get("herald.subject")
+    if grant.subject is not None and subject is not None and grant.subject != subject:
+        raise HTTPProblem(403, "this subscribe token was issued to someone else", kind="forbidden-token")
+    response = Response(orjson.dumps({"topics": sorted(grant.topics), "expires_at": grant.expires_at}),
+                        media_type="application/json", headers={"Cache-Control": "no-store"})
+    response.set_cookie(COOKIE, token, max_age=max(0, grant.expires_at - int(time.time())), path="/",
+                        httponly=True, samesite="lax", secure=_secure(request, gateway))
+    return response
+
+
+async def clear_cookie(request: Request) -> Response:
+    """``DELETE /session/cookie``: forget the cookie."""
+    response = Response(status_code=204, headers={"Cache-Control": "no-store"})
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="lax",
+                           secure=_secure(request, Gateway.of(request)))
+    return response
+
+
+def _secure(request: Request, gateway: Gateway) -> bool:
+    return request.url.scheme == "https" or gateway.settings.public_url.startswith("https://")
+
+
+routes = [
+    Route(SESSION_COOKIE_PATH, set_cookie, methods=["POST"]),
+    Route(SESSION_COOKIE_PATH, clear_cookie, methods=["DELETE"]),
+]

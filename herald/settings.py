@@ -1,0 +1,174 @@
+"""Settings: the only place that reads the environment.
+
+Every knob Herald has is a field here, with its environment variable and its
+default. Callers receive a ``Settings`` instance; nothing else calls ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value Herald cannot use."""
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _env(name: str, default: Any, *, minimum: float | None = None, factory: Callable[[], Any] | None = None) -> Any:
+    """A settings field read from the environment variable ``name`` (its default stated once, here)."""
+    meta = {"env": name, "minimum": minimum}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _parse(name: str, raw: str, kind: Any, minimum: float | None) -> Any:
+    """``raw`` as the field's type; :class:`SettingsError` naming the variable otherwise."""
+    if kind in ("bool", bool):
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise SettingsError(f"{name} must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}, got {raw!r}")
+    if kind in ("int", int, "float", float):
+        convert = int if kind in ("int", int) else float
+        try:
+            value: float = convert(raw)
+        except ValueError as exc:
+            number = "an integer" if convert is int else "a number"
+            raise SettingsError(f"{name} must be {number}, got {raw!r}") from exc
+        if minimum is not None and value < minimum:
+            raise SettingsError(f"{name} must be >= {minimum}, got {value}")
+        return value
+    if str(kind).startswith("tuple"):
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Herald's configuration, read once at start-up (see ``from_env``)."""
+
+    # Broker
+    redis_url: str | None = _env("REDIS_URL", None)
+    """``REDIS_URL``; unset means the embedded memory broker."""
+    embedded_worker: bool = _env("HERALD_EMBEDDED_WORKER", True)
+    """``HERALD_EMBEDDED_WORKER``: run the chat worker inside the gateway (default on the memory broker)."""
+
+    # Identity
+    secret: str = _env("HERALD_SECRET", None, factory=lambda: secrets.token_urlsafe(32))
+    """``HERALD_SECRET``: signs subscribe tokens; random per process when unset (single process only)."""
+    public_url: str = _env("HERALD_PUBLIC_URL", "")
+    """``HERALD_PUBLIC_URL``: absolute prefix for the URLs Herald hands out; empty means relative URLs."""
+
+    # Timeouts
+    operation_ttl: int = _env("HERALD_OPERATION_TTL", 86400, minimum=1)
+    """``HERALD_OPERATION_TTL`` seconds an operation (and its topic history) is kept."""
+    history_ttl: int = _env("HERALD_HISTORY_TTL", 86400, minimum=1)
+    """``HERALD_HISTORY_TTL`` seconds a domain topic's history is kept after its last event."""
+    heartbeat: float = _env("HERALD_HEARTBEAT", 15.0, minimum=0.05)
+    """``HERALD_HEARTBEAT`` seconds between SSE comment heartbeats and WebSocket idle pings."""
+    retry_ms: int = _env("HERALD_RETRY_MS", 2000, minimum=0)
+    """``HERALD_RETRY_MS``: the SSE ``retry:`` reconnection delay sent to clients."""
+    max_wait: float = _env("HERALD_MAX_WAIT", 30.0, minimum=0.0)
+    """``HERALD_MAX_WAIT``: cap on ``Prefer: wait=N`` and ``?wait=N`` in seconds."""
+    token_ttl: int = _env("HERALD_TOKEN_TTL", 3600, minimum=1)
+    """``HERALD_TOKEN_TTL`` seconds a subscribe token is valid."""
+    visibility_timeout: float = _env("HERALD_VISIBILITY_TIMEOUT", 30.0, minimum=0.1)
+    """``HERALD_VISIBILITY_TIMEOUT``: seconds before an unacknowledged request event is redelivered."""
+    slow_client_grace: float = _env("HERALD_SLOW_CLIENT_GRACE", 5.0, minimum=0.0)
+    """``HERALD_SLOW_CLIENT_GRACE``: seconds an overflowed client may take to accept its disconnect notice."""
+
+    # Limits
+    history_size: int = _env("HERALD_HISTORY_SIZE", 1000, minimum=1)
+    """``HERALD_HISTORY_SIZE``: events kept per topic for resume."""
+    queue_size: int = _env("HERALD_QUEUE_SIZE", 1000, minimum=1)
+    """``HERALD_QUEUE_SIZE``: events buffered per connection before it is cut off as slow."""
+    max_body: int = _env("HERALD_MAX_BODY", 65536, minimum=64)
+    """``HERALD_MAX_BODY`` bytes in a command body (413 beyond)."""
+    max_attempts: int = _env("HERALD_MAX_ATTEMPTS", 5, minimum=1)
+    """``HERALD_MAX_ATTEMPTS`` deliveries of a request event before its operation fails."""
+    max_topics_per_connection: int = _env("HERALD_MAX_TOPICS", 64, minimum=1)
+    """``HERALD_MAX_TOPICS``: topics one SSE or WebSocket connection may follow."""
+    max_ws_message: int = _env("HERALD_MAX_WS_MESSAGE", 65536, minimum=256)
+    """``HERALD_MAX_WS_MESSAGE`` bytes in one WebSocket message from a client."""
+    max_connections: int = _env("HERALD_MAX_CONNECTIONS", 20000, minimum=1)
+    """``HERALD_MAX_CONNECTIONS``: SSE + WebSocket connections per process (503 beyond)."""
+    rate_limit: int = _env("HERALD_RATE_LIMIT", 0, minimum=0)
+    """``HERALD_RATE_LIMIT``: commands per client per second (0 = unlimited)."""
+    max_json_depth: int = _env("HERALD_MAX_JSON_DEPTH", 32, minimum=2)
+    """``HERALD_MAX_JSON_DEPTH``: nesting levels allowed in a JSON body (422 beyond)."""
+    max_json_string: int = _env("HERALD_MAX_JSON_STRING", 16384, minimum=16)
+    """``HERALD_MAX_JSON_STRING``: characters in one JSON string or key of a body (422 beyond)."""
+
+    # Worker
+    worker_concurrency: int = _env("HERALD_WORKER_CONCURRENCY", 8, minimum=1)
+    """``HERALD_WORKER_CONCURRENCY``: request events one worker process handles at once."""
+    worker_grace: float = _env("HERALD_WORKER_GRACE", 10.0, minimum=0.0)
+    """``HERALD_WORKER_GRACE``: seconds a stopping worker lets current jobs finish before giving them back."""
+
+    # Security
+    cors_origins: tuple[str, ...] = _env("HERALD_CORS_ORIGINS", ())
+    """``HERALD_CORS_ORIGINS``: comma-separated origins allowed by CORS; empty disables CORS."""
+    jwt_secret: str | None = _env("HERALD_JWT_SECRET", None)
+    """``HERALD_JWT_SECRET``: HS256 key for bearer tokens on commands; unset (with no public key) = anonymous."""
+    jwt_public_key: str | None = _env("HERALD_JWT_PUBLIC_KEY", None)
+    """``HERALD_JWT_PUBLIC_KEY``: PEM key for RS256/ES256 bearer tokens."""
+    jwt_audience: str | None = _env("HERALD_JWT_AUDIENCE", None)
+    """``HERALD_JWT_AUDIENCE``: required ``aud`` claim, when set."""
+    jwt_issuer: str | None = _env("HERALD_JWT_ISSUER", None)
+    """``HERALD_JWT_ISSUER``: required ``iss`` claim, when set."""
+
+    # Logging
+    log_level: str = _env("HERALD_LOG_LEVEL", "info")
+    """``HERALD_LOG_LEVEL``."""
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether commands need a bearer token."""
+        return bool(self.jwt_secret or self.jwt_public_key)
+
+    def broker_options(self) -> dict[str, float]:
+        """The keyword options ``create_broker`` takes, from these settings."""
+        return {
+            "history_size": self.history_size,
+            "operation_ttl": self.operation_ttl,
+            "history_ttl": self.history_ttl,
+            "visibility_timeout": self.visibility_timeout,
+        }
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``HERALD_*`` variable (and ``REDIS_URL``) from ``env`` (default: ``os.environ``).
+
+        An unset or empty variable means the field's default. With ``REDIS_URL`` set, the embedded
+        worker defaults to off, and ``HERALD_SECRET`` is required: every gateway must sign subscribe
+        tokens alike, or a token one gateway hands out is refused by the next.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            name = spec.metadata["env"]
+            raw = env.get(name, "")
+            if raw == "":
+                continue
+            values[spec.name] = _parse(name, raw, spec.type, spec.metadata["minimum"])
+        if "redis_url" in values:
+            values.setdefault("embedded_worker", False)
+            if "secret" not in values:
+                raise SettingsError(
+                    "HERALD_SECRET is required with REDIS_URL: every gateway must sign subscribe tokens with the "
+                    "same secret (set it to the same long random string, e.g. `openssl rand -hex 32`, everywhere)")
+        if "public_url" in values:
+            values["public_url"] = values["public_url"].rstrip("/")
+        if "log_level" in values:
+            values["log_level"] = values["log_level"].lower()
+        return cls(**values)

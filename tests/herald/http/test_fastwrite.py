@@ -1,0 +1,212 @@
+"""Herald's uvicorn protocol (app/http/fastwrite.py) and the hub's direct write that uses it.
+
+The protocol's writer reads uvicorn's internal response-cycle state, so these tests run it in a
+real uvicorn against the installed version: it writes a chunk only into a started, chunked,
+unfinished response to a connected client whose transport holds nothing unsent, and the hub
+hands it a live frame only when the stream is idle, so nothing is reordered or lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+
+from herald.http.fastwrite import CHUNK_WRITE, HttpToolsProtocol
+from herald.hub import Subscriber
+from herald.protocol import Frame
+from tests.herald.http.harness import wait_until
+
+# The hub side ----------------------------------------------------------------------------------
+
+
+def frame(n: int, topic: str = "t") -> Frame:
+    return Frame(topic, f"1-{n}", "Tick", b'{"n":%d}' % n)
+
+
+async def parked(sub: Subscriber) -> asyncio.Task[list[Any]]:
+    """A task parked in ``next_batch`` (as a stream's coroutine is between writes)."""
+    task = asyncio.ensure_future(sub.next_batch())
+    await asyncio.sleep(0)
+    assert sub._waiter is not None and not sub._waiter.done()
+    return task
+
+
+async def test_a_live_frame_for_a_parked_stream_is_written_directly_without_waking_it() -> None:
+    sub = Subscriber(max_queue=4)
+    written: list[Frame] = []
+    sub.direct = lambda f: written.append(f) is None
+    task = await parked(sub)
+    sub.push(frame(1))
+    sub.push(frame(2))
+    sub.push(frame(2))  # a repeat is still dropped before any write
+    await asyncio.sleep(0)
+    assert [f.cursor for f in written] == ["1-1", "1-2"]
+    assert sub.queue == [] and not task.done()
+    assert sub.positions["t"] == (1, 2)
+    sub.close("test")
+    assert await task == []
+
+
+async def test_a_frame_the_direct_write_refuses_is_queued_and_wakes_the_stream() -> None:
+    sub = Subscriber(max_queue=4)
+    sub.direct = lambda f: False
+    task = await parked(sub)
+    sub.push(frame(1))
+    assert [f.cursor for f in await task] == ["1-1"]  # type: ignore[union-attr]
+
+
+async def test_nothing_overtakes_a_queued_frame_or_a_wake_up_already_under_way() -> None:
+    sub = Subscriber(max_queue=8)
+    calls: list[str] = []
+
+    def direct(f: Frame) -> bool:
+        calls.append(f.cursor)
+        return f.cursor != "1-1"  # the first one cannot be written now
+
+    sub.direct = direct
+    task = await parked(sub)
+    sub.push(frame(1))  # refused: queued, the stream woken
+    sub.push(frame(2))  # the queue is not empty: queued behind it, no direct write
+    assert calls == ["1-1"]
+    assert [f.cursor for f in await task] == ["1-1", "1-2"]  # type: ignore[union-attr]
+    task = await parked(sub)
+    sub.beat()  # the stream is woken for a heartbeat; a frame now waits its turn
+    sub.push(frame(3))
+    assert calls == ["1-1"]
+    assert [getattr(f, "cursor", "beat") for f in await task] == ["1-3"]
+
+
+async def test_replayed_history_never_takes_the_direct_write() -> None:
+    sub = Subscriber(max_queue=4)
+    calls: list[Frame] = []
+    sub.direct = lambda f: calls.append(f) is None
+    sub.hold("t", None)
+    task = await parked(sub)
+    sub.push(frame(3))  # live, held while the history is read
+    sub.replay("t", [frame(1), frame(2)])
+    assert [f.cursor for f in await task] == ["1-1", "1-2", "1-3"]  # type: ignore[union-attr]
+    assert calls == []
+
+
+# The protocol, in a real uvicorn ---------------------------------------------------------------
+
+class Probe:
+    """An ASGI app that tries the writer at each stage of a response and records what it said."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, Any] = {}
+        self.done = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        write = scope.get("extensions", {}).get(CHUNK_WRITE)
+        self.seen["has_writer"] = write is not None
+        try:
+            if write is None:
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": b"no writer"})
+                return
+            self.seen["before_start"] = write(b"x")
+            if scope["path"] == "/sized":
+                await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+                self.seen["sized"] = write(b"x")
+                await send({"type": "http.response.body", "body": b"hello"})
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            self.seen["chunked"] = write(b"direct")
+            if scope["path"] == "/fill":
+                writes = 0
+                while writes < 2000 and write(b"f" * 65536):
+                    writes += 1
+                self.seen["fill_writes"] = writes
+                await self.release.wait()
+                self.seen["after_gone"] = write(b"x")
+                return
+            await send({"type": "http.response.body", "body": b"-sent-", "more_body": True})
+            self.seen["after_send"] = write(b"again")
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.seen["after_end"] = write(b"x")
+            self.seen["writer_kept"] = CHUNK_WRITE in scope.get("extensions", {})
+        finally:
+            self.done.set()
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Probe, http: Any = HttpToolsProtocol) -> AsyncIterator[int]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, http=http, lifespan="off", log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await wait_until(lambda: server.started, timeout=10)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def request(port: int, head: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return data
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+
+
+async def test_the_writer_writes_a_chunk_only_into_a_started_unfinished_chunked_response() -> None:
+    app = Probe()
+    async with serve(app) as port:
+        raw = await request(port, get("/stream"))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    # the direct chunk, then what went through send, then the direct one after it, then the end
+    assert body == b"6\r\ndirect\r\n6\r\n-sent-\r\n5\r\nagain\r\n0\r\n\r\n"
+    assert app.seen == {"has_writer": True, "before_start": False, "chunked": True, "after_send": True,
+                        "after_end": False, "writer_kept": False}
+
+
+async def test_the_writer_refuses_a_response_with_a_content_length() -> None:
+    app = Probe()
+    async with serve(app) as port:
+        raw = await request(port, get("/sized"))
+    assert raw.endswith(b"\r\n\r\nhello")
+    assert app.seen["sized"] is False
+
+
+async def test_only_get_requests_on_heralds_protocol_get_the_writer() -> None:
+    for http, method, expected in ((HttpToolsProtocol, "POST", False), ("httptools", "GET", False),
+                                   (HttpToolsProtocol, "GET", True)):
+        app = Probe()
+        async with serve(app, http) as port:
+            await request(port, f"{method} /sized HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                "Connection: close\r\n\r\n".encode())
+        assert app.seen["has_writer"] is expected, (http, method)
+
+
+async def test_the_writer_stops_when_the_client_stops_reading_and_when_it_is_gone() -> None:
+    app = Probe()
+    async with serve(app) as port:
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", port))
+        client.sendall(get("/fill"))
+        await wait_until(lambda: "fill_writes" in app.seen, timeout=10)
+        # a client that reads nothing: the socket fills, the transport buffers, the writer says no
+        assert 0 < app.seen["fill_writes"] < 2000
+        client.close()
+        await asyncio.sleep(0.2)
+        app.release.set()
+        await asyncio.wait_for(app.done.wait(), 5)
+    assert app.seen["after_gone"] is False

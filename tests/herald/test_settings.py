@@ -1,0 +1,83 @@
+"""``Settings.from_env``: defaults, parsing, and a clear error for every unusable value."""
+
+from __future__ import annotations
+
+import pytest
+
+from herald.settings import Settings, SettingsError
+
+
+def test_defaults_are_the_embedded_gateway() -> None:
+    settings = Settings.from_env({})
+    assert settings.redis_url is None
+    assert settings.embedded_worker is True
+    assert len(settings.secret) >= 32
+    assert settings.heartbeat == 15.0
+    assert settings.history_size == 1000
+    assert settings.max_wait == 30.0
+    assert settings.cors_origins == ()
+    assert not settings.auth_enabled
+
+
+def test_a_random_secret_differs_per_process_start() -> None:
+    assert Settings.from_env({}).secret != Settings.from_env({}).secret
+
+
+def test_values_are_read_and_typed() -> None:
+    settings = Settings.from_env({
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "HERALD_SECRET": "s" * 20,
+        "HERALD_PUBLIC_URL": "https://herald.example/",
+        "HERALD_HEARTBEAT": "0.5",
+        "HERALD_HISTORY_SIZE": "7",
+        "HERALD_QUEUE_SIZE": "3",
+        "HERALD_MAX_WAIT": "2.5",
+        "HERALD_CORS_ORIGINS": " https://a.example , ,https://b.example",
+        "HERALD_LOG_LEVEL": "DEBUG",
+        "HERALD_JWT_SECRET": "k",
+    })
+    assert settings.redis_url == "redis://127.0.0.1:1/0"
+    assert settings.embedded_worker is False  # with Redis the worker is its own process by default
+    assert settings.secret == "s" * 20
+    assert settings.public_url == "https://herald.example"
+    assert settings.heartbeat == 0.5
+    assert settings.history_size == 7
+    assert settings.queue_size == 3
+    assert settings.max_wait == 2.5
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert settings.log_level == "debug"
+    assert settings.auth_enabled
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("0", False), ("false", False), ("no", False), ("1", True)])
+def test_embedded_worker_switch(raw: str, expected: bool) -> None:
+    assert Settings.from_env({"HERALD_EMBEDDED_WORKER": raw}).embedded_worker is expected
+
+
+def test_empty_values_mean_the_default() -> None:
+    settings = Settings.from_env({"HERALD_HISTORY_SIZE": "", "HERALD_HEARTBEAT": "", "REDIS_URL": ""})
+    assert settings.history_size == 1000
+    assert settings.heartbeat == 15.0
+    assert settings.redis_url is None
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        ("HERALD_HISTORY_SIZE", "ten", "HERALD_HISTORY_SIZE must be an integer, got 'ten'"),
+        ("HERALD_HISTORY_SIZE", "1.5", "HERALD_HISTORY_SIZE must be an integer, got '1.5'"),
+        ("HERALD_HISTORY_SIZE", "0", "HERALD_HISTORY_SIZE must be >= 1, got 0"),
+        ("HERALD_QUEUE_SIZE", "-1", "HERALD_QUEUE_SIZE must be >= 1, got -1"),
+        ("HERALD_MAX_BODY", "10", "HERALD_MAX_BODY must be >= 64, got 10"),
+        ("HERALD_OPERATION_TTL", "0", "HERALD_OPERATION_TTL must be >= 1, got 0"),
+        ("HERALD_HEARTBEAT", "fast", "HERALD_HEARTBEAT must be a number, got 'fast'"),
+        ("HERALD_HEARTBEAT", "0.001", "HERALD_HEARTBEAT must be >= 0.05, got 0.001"),
+        ("HERALD_MAX_WAIT", "-1", "HERALD_MAX_WAIT must be >= 0.0, got -1.0"),
+        ("HERALD_VISIBILITY_TIMEOUT", "0", "HERALD_VISIBILITY_TIMEOUT must be >= 0.1, got 0.0"),
+        ("HERALD_MAX_WS_MESSAGE", "100", "HERALD_MAX_WS_MESSAGE must be >= 256, got 100"),
+    ],
+)
+def test_unusable_values_are_refused_with_the_variable_named(name: str, raw: str, message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({name: raw})
+    assert str(caught.value) == message
