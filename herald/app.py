@@ -32,6 +32,7 @@ from herald.auth import TokenSigner
 from herald.broker import create_broker
 from herald.domain import Catalog, Domain
 from herald.http import operations, push, security
+from herald.http.access import TopicAccess
 from herald.http.asyncapi import build_asyncapi
 from herald.http.commands import CommandRouter
 from herald.http.gateway import Gateway
@@ -126,7 +127,7 @@ def create_app(
     """Build Herald's ASGI app serving ``domains``, from ``settings`` (default: the environment).
 
     ``static``: a directory served at ``/`` (``index.html`` for the directory itself), after every
-    other route; the chat application serves its page this way.
+    other route (an application's own page).
     """
     settings = settings or Settings.from_env()
     catalog = Catalog.of(domains)
@@ -142,6 +143,7 @@ def create_app(
         router.add(command)
     gateway.catalog = catalog
     gateway.commands = router
+    gateway.access = TopicAccess(catalog, gateway.signer, subjects=settings.auth_enabled)
     openapi = orjson.dumps(build_openapi(catalog))
     asyncapi = orjson.dumps(build_asyncapi(catalog))
 
@@ -209,7 +211,13 @@ def create_app(
         ))
     verifier = security.BearerVerifier.from_settings(settings)
     if verifier is not None:  # inside CORS, so preflights are answered without a token
-        middleware.append(Middleware(security.BearerAuthMiddleware, verifier=verifier))
+        public = {id(route) for domain in catalog.domains for route in domain.public_routes}
+        rules = security.BearerRules(
+            open_routes=[*push.routes, *security.routes],
+            protected_reads=[*operations.routes,
+                             *(r for d in catalog.domains for r in d.routes if id(r) not in public)],
+        )
+        middleware.append(Middleware(security.BearerAuthMiddleware, verifier=verifier, rules=rules))
     middleware.append(Middleware(push.PushMiddleware))  # innermost: streams and sockets skip the router's layers
     app = Starlette(
         routes=routes,

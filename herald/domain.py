@@ -89,6 +89,8 @@ class TopicRule:
     def __post_init__(self) -> None:
         if self.subscribe not in SUBSCRIBE_RULES:
             raise DomainError(f"topic {self.pattern!r}: subscribe must be one of {SUBSCRIBE_RULES}")
+        if self.pattern.startswith("operations/"):
+            raise DomainError(f"topic {self.pattern!r}: operations/… topics are Herald's own (open to their owner)")
         parts = _PARAM.split(self.pattern)
         # split() alternates literal text and parameter names
         regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+)" for i, p in enumerate(parts))
@@ -119,6 +121,8 @@ class Domain:
         self.description = description
         self.commands: list[Command] = []
         self.routes: list[BaseRoute] = []
+        self.public_routes: list[BaseRoute] = []
+        """The read routes that need no bearer token even when authentication is on."""
         self.handlers: dict[str, Handler] = {}
         self.topics: list[TopicRule] = []
         self.events: dict[str, EventType] = {}
@@ -173,13 +177,19 @@ class Domain:
         return register
 
     def route(
-        self, method: str | Iterable[str], path: str, *, name: str | None = None
+        self, method: str | Iterable[str], path: str, *, name: str | None = None, public: bool = False
     ) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
-        """Declare a read route: a Starlette endpoint ``async def endpoint(request) -> Response``."""
+        """Declare a read route: a Starlette endpoint ``async def endpoint(request) -> Response``.
+
+        With bearer authentication on, a read route needs a valid token unless it is ``public``.
+        """
         methods = [method] if isinstance(method, str) else list(method)
 
         def register(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-            self.routes.append(Route(path, fn, methods=[m.upper() for m in methods], name=name))
+            route = Route(path, fn, methods=[m.upper() for m in methods], name=name)
+            self.routes.append(route)
+            if public:
+                self.public_routes.append(route)
             return fn
 
         return register

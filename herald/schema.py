@@ -78,7 +78,19 @@ def _violation(exc: fastjsonschema.JsonSchemaValueException) -> SchemaViolation:
     custom = definition.get("x-problem")
     if isinstance(custom, dict) and isinstance(custom.get(rule), dict):
         extra.update({k: v for k, v in custom[rule].items() if k in ("kind", "title")})
-    detail = exc.message.replace("data.", "", 1) if field else exc.message.replace("data", "the body", 1)
-    if field and not detail.startswith(field):
-        detail = f"'{field}': {detail}"
-    return SchemaViolation(detail, field=field, rule=rule, extra=extra)
+    return SchemaViolation(_detail(exc.message, field, rule, definition), field=field, rule=rule, extra=extra)
+
+
+def _detail(message: str, field: str | None, rule: str, definition: dict[str, Any]) -> str:
+    """A sentence a client can act on; fastjsonschema's own for the rules not worded here."""
+    name = f"'{field}'" if field else "the body"
+    limit = definition.get(rule)
+    if rule == "maxLength":
+        return f"{name} is longer than {limit} characters"
+    if rule == "minLength":
+        return f"{name} must not be empty" if limit == 1 else f"{name} is shorter than {limit} characters"
+    if rule == "pattern":
+        return f"{name} does not have the required form (pattern {limit})"
+    if rule == "type":
+        return f"{name} must be of type {limit}"
+    return name + message.removeprefix("data." + field if field else "data")

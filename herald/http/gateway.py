@@ -22,6 +22,7 @@ from herald.operations import Operation, operation_topic
 from herald.settings import Settings
 
 if TYPE_CHECKING:
+    from herald.http.access import TopicAccess
     from herald.http.commands import CommandRouter
 
 
@@ -37,6 +38,7 @@ class Gateway:
     metrics: Metrics | None = None
     catalog: Catalog = field(default_factory=lambda: Catalog.of([]))
     commands: CommandRouter | None = None
+    access: TopicAccess | None = None
 
     @classmethod
     def of(cls, conn: HTTPConnection) -> Gateway:

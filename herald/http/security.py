@@ -4,9 +4,10 @@ Authentication is off until ``HERALD_JWT_SECRET`` (HS256) or ``HERALD_JWT_PUBLIC
 (RS256/ES256) is set: then :class:`BearerAuthMiddleware` verifies ``Authorization: Bearer``
 on every HTTP request and WebSocket handshake that carries one, puts its ``sub`` claim in
 ``scope["herald.subject"]`` (the owner of the operations that caller creates), and refuses
-with ``401`` the requests that must be authenticated: every command (``POST``), every
-``DELETE``, and the reads under ``/operations/`` and ``/chats/`` — except the push streams
-(``…/events``, ``/ws``), which are opened by subscribe tokens (:mod:`herald.auth`) because a
+with ``401`` the requests that must be authenticated (:class:`BearerRules`): every command
+(``POST``, ``PUT``, ``PATCH``, ``DELETE``), ``GET /operations/{id}``, and every domain read route
+not declared ``public`` — but not the push routes (the SSE streams and ``/ws``, matched as
+routes, not by a suffix), which are opened by subscribe tokens (:mod:`herald.auth`) because a
 browser's ``EventSource`` cannot send headers.
 
 The cookie: ``POST /session/cookie`` with ``{"token": "<subscribe token>"}`` sets it as the
@@ -17,14 +18,16 @@ The cookie: ``POST /session/cookie`` with ``{"token": "<subscribe token>"}`` set
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import jwt
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -43,8 +46,8 @@ _KEY_ALGORITHMS = ("RS256", "ES256")
 _MAX_TOKEN = 8192
 _MAX_SUBJECT = 256
 _LEEWAY = 30  # seconds of clock skew tolerated between the token issuer and this gateway
-_PROTECTED_READS = ("/operations/", "/chats/")
-_UNPROTECTED = frozenset({SESSION_COOKIE_PATH})
+_WRITES = frozenset({"POST", "DELETE", "PUT", "PATCH"})
+_READS = frozenset({"GET", "HEAD"})
 
 
 class BearerError(Exception):
@@ -108,21 +111,40 @@ class BearerVerifier:
         return subject
 
 
-def needs_bearer(method: str, path: str) -> bool:
-    """Whether a request must be authenticated when authentication is on (see the module docstring)."""
-    if path in _UNPROTECTED or path.endswith("/events"):
+class BearerRules:
+    """Which requests need a bearer token when authentication is on, decided by route, not by path shape.
+
+    ``open_routes``: the routes a subscribe token or nothing opens (the push routes, the cookie);
+    ``protected_reads``: the ``GET`` routes that need a bearer (operations, domain reads).
+    Every write needs one, except on an open route.
+    """
+
+    def __init__(self, *, open_routes: Iterable[BaseRoute], protected_reads: Iterable[BaseRoute]) -> None:
+        self._open = [_regex(r) for r in open_routes]
+        self._reads = [_regex(r) for r in protected_reads]
+
+    def needs_bearer(self, method: str, path: str) -> bool:
+        """Whether ``method path`` must carry a valid bearer token."""
+        if method in _WRITES:
+            return not any(regex.fullmatch(path) for regex in self._open)
+        if method in _READS:
+            return any(regex.fullmatch(path) for regex in self._reads) and not any(
+                regex.fullmatch(path) for regex in self._open)
         return False
-    if method in ("POST", "DELETE", "PUT", "PATCH"):
-        return True
-    return method in ("GET", "HEAD") and path.startswith(_PROTECTED_READS)
+
+
+def _regex(route: BaseRoute) -> re.Pattern[str]:
+    regex: re.Pattern[str] = route.path_regex  # type: ignore[attr-defined]  # Route and WebSocketRoute have it
+    return regex
 
 
 class BearerAuthMiddleware:
     """ASGI middleware: ``Authorization: Bearer <JWT>`` → ``scope["herald.subject"]``, or ``401``."""
 
-    def __init__(self, app: ASGIApp, verifier: BearerVerifier) -> None:
+    def __init__(self, app: ASGIApp, verifier: BearerVerifier, rules: BearerRules) -> None:
         self.app = app
         self.verifier = verifier
+        self.rules = rules
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Authenticate, then hand over to the app."""
@@ -136,7 +158,7 @@ class BearerAuthMiddleware:
                 if scheme.lower() != "bearer" or not token.strip():
                     raise BearerError("use Authorization: Bearer <token>")
                 scope["herald.subject"] = self.verifier.subject(token.strip())
-            elif scope["type"] == "http" and needs_bearer(scope["method"], scope["path"]):
+            elif scope["type"] == "http" and self.rules.needs_bearer(scope["method"], scope["path"]):
                 raise BearerError("this request needs Authorization: Bearer <token>")
         except BearerError as exc:
             challenge = 'Bearer realm="herald"' + (', error="invalid_token"' if header is not None else "")
