@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import httpx
@@ -18,6 +18,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from app.main import create_app
+from herald import Domain
+from herald import create_app as create_herald_app
 from herald.broker.base import Broker
 from herald.http.gateway import Gateway
 from herald.http.problems import PROBLEM_BASE, PROBLEM_JSON
@@ -28,6 +30,12 @@ from tests.support.server import HERALD_HTTP, TEST_SECRET
 def make_settings(**overrides: Any) -> Settings:
     """Settings for a test app: a fixed secret, quiet logs, and ``overrides``."""
     return Settings(**{"secret": TEST_SECRET, "log_level": "warning", **overrides})
+
+
+def make_app(domains: Iterable[Domain] | None, **overrides: Any) -> Starlette:
+    """The chat application, or Herald serving only ``domains`` when given, built from ``make_settings``."""
+    settings = make_settings(**overrides)
+    return create_app(settings) if domains is None else create_herald_app(settings, domains=domains)
 
 
 class Herald:
@@ -91,9 +99,12 @@ class LiveHerald(Herald):
 
 
 @contextlib.asynccontextmanager
-async def in_process(**overrides: Any) -> AsyncIterator[Herald]:
-    """An app built from ``make_settings(**overrides)`` with its lifespan running."""
-    app = create_app(make_settings(**overrides))
+async def in_process(*, domains: Iterable[Domain] | None = None, **overrides: Any) -> AsyncIterator[Herald]:
+    """An app built from ``make_settings(**overrides)`` with its lifespan running.
+
+    The chat application, unless ``domains`` says which domains Herald serves instead.
+    """
+    app = make_app(domains, **overrides)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://herald.test") as client:
@@ -101,13 +112,15 @@ async def in_process(**overrides: Any) -> AsyncIterator[Herald]:
 
 
 @contextlib.asynccontextmanager
-async def served(*, http: str = HERALD_HTTP, **overrides: Any) -> AsyncIterator[LiveHerald]:
+async def served(
+    *, http: str = HERALD_HTTP, domains: Iterable[Domain] | None = None, **overrides: Any
+) -> AsyncIterator[LiveHerald]:
     """An app built from ``make_settings(**overrides)``, served by uvicorn on a free loopback port.
 
     ``http`` is uvicorn's HTTP protocol: Herald's own (app/http/fastwrite.py, as the Procfile runs it)
     unless a test asks for uvicorn's ``"httptools"`` or ``"h11"``.
     """
-    app = create_app(make_settings(**overrides))
+    app = make_app(domains, **overrides)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
