@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from herald.auth import TokenSigner
 from herald.broker import create_broker
@@ -113,9 +114,37 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
                                         kind="internal-error"))
 
 
+PAGE_HEADERS = [
+    # the page loads its own scripts and styles and talks to its own origin (fetch, EventSource, WebSocket)
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                                 b"frame-ancestors 'none'; form-action 'self'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+"""Headers on every static file and on ``/herald.js``: a page served by Herald runs only its own code."""
+
+
+class PageHeaders:
+    """ASGI wrapper adding :data:`PAGE_HEADERS` to what a static app answers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve, adding the headers to the response start."""
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *PAGE_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 async def herald_js(request: Request) -> Response:
     """``/herald.js``: the browser client library."""
-    return FileResponse(HERALD_JS, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+    response = FileResponse(HERALD_JS, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+    response.raw_headers.extend(PAGE_HEADERS)
+    return response
 
 
 def create_app(
@@ -197,7 +226,7 @@ def create_app(
         *security.routes,
     ]
     if static is not None:
-        routes.append(Mount("/", app=StaticFiles(directory=static, html=True), name="static"))
+        routes.append(Mount("/", app=PageHeaders(StaticFiles(directory=static, html=True)), name="static"))
     middleware = []
     if settings.cors_origins:
         middleware.append(Middleware(

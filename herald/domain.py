@@ -20,6 +20,7 @@ here does I/O, and every mistake (a bad schema, a route declared twice) is raise
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -66,12 +67,14 @@ class Command:
     subject: str | None = None
     """A template of the request event's subject, filled from the path parameters (e.g. ``chats/{room}``)."""
     validate: Validator | None = None
+    takes_caller: bool = False
+    """Whether ``build`` has a ``caller`` keyword: the authenticated subject (``None`` in anonymous mode)."""
 
-    def parse(self, params: dict[str, str], body: Any) -> CommandInput:
+    def parse(self, params: dict[str, str], body: Any, *, caller: str | None = None) -> CommandInput:
         """Validate ``body`` (:class:`~herald.schema.SchemaViolation`) and build the request event's data."""
         if self.validate is not None:
             self.validate(body)
-        out = self.build(params, body)
+        out = self.build(params, body, caller=caller) if self.takes_caller else self.build(params, body)
         if isinstance(out, CommandInput):
             return out
         return CommandInput(out, self.subject.format(**params) if self.subject else None)
@@ -143,7 +146,8 @@ class Domain:
         """Declare ``method path`` as a command that becomes a request event of type ``event``.
 
         The decorated function gets the path parameters and the body (already valid against
-        ``schema``) and returns the request event's data; it may raise
+        ``schema``), and the authenticated subject as ``caller=`` if it has that keyword; it
+        returns the request event's data; it may raise
         :class:`~herald.HTTPProblem` for what a schema cannot say (a path parameter out of range).
         """
         method = method.upper()
@@ -158,8 +162,9 @@ class Domain:
             for existing in self.commands:
                 if (existing.method, existing.path) == (method, path):
                     raise DomainError(f"{method} {path} is declared twice in domain {self.name!r}")
+            takes_caller = "caller" in inspect.signature(fn).parameters
             self.commands.append(Command(method, path, event, fn, summary or (fn.__doc__ or "").strip(),
-                                         schema, subject, validate))
+                                         schema, subject, validate, takes_caller))
             return fn
 
         return register

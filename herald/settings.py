@@ -17,6 +17,8 @@ class SettingsError(ValueError):
     """An environment variable holds a value Herald cannot use."""
 
 
+MIN_SECRET = 32
+"""Bytes in ``HERALD_SECRET`` and ``HERALD_JWT_SECRET`` at the least: an HMAC key shorter than its hash is guessable."""
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -117,7 +119,9 @@ class Settings:
 
     # Security
     cors_origins: tuple[str, ...] = _env("HERALD_CORS_ORIGINS", ())
-    """``HERALD_CORS_ORIGINS``: comma-separated origins allowed by CORS; empty disables CORS."""
+    """``HERALD_CORS_ORIGINS``: comma-separated origins allowed by CORS (with credentials, so never ``*``)."""
+    trusted_hosts: tuple[str, ...] = _env("HERALD_TRUSTED_HOSTS", ("localhost", "127.0.0.1", "[::1]"))
+    """``HERALD_TRUSTED_HOSTS``: ``Host`` names put in absolute WebSocket URLs; for others they are relative."""
     jwt_secret: str | None = _env("HERALD_JWT_SECRET", None)
     """``HERALD_JWT_SECRET``: HS256 key for bearer tokens on commands; unset (with no public key) = anonymous."""
     jwt_public_key: str | None = _env("HERALD_JWT_PUBLIC_KEY", None)
@@ -167,6 +171,12 @@ class Settings:
                 raise SettingsError(
                     "HERALD_SECRET is required with REDIS_URL: every gateway must sign subscribe tokens with the "
                     "same secret (set it to the same long random string, e.g. `openssl rand -hex 32`, everywhere)")
+        if "*" in values.get("cors_origins", ()):
+            raise SettingsError("HERALD_CORS_ORIGINS=* is refused: CORS here allows credentials (the token "
+                                "cookie), so list the origins that may call Herald")
+        for name, field_name in (("HERALD_SECRET", "secret"), ("HERALD_JWT_SECRET", "jwt_secret")):
+            if field_name in values and len(values[field_name].encode()) < MIN_SECRET:
+                raise SettingsError(f"{name} must be at least {MIN_SECRET} bytes (e.g. `openssl rand -hex 32`)")
         if "public_url" in values:
             values["public_url"] = values["public_url"].rstrip("/")
         if "log_level" in values:

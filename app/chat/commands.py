@@ -27,16 +27,18 @@ READ_SCHEMA = {
 
 @chat.command("POST", "/chats/{room}/messages", event="ChatMessageSent", schema=SEND_SCHEMA,
               subject="chats/{room}")
-def send(params: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
-    """Send a message to a room."""
-    return {"room": check_room(params["room"]), "author": body["author"].strip(), "text": body["text"]}
+def send(params: dict[str, str], body: dict[str, Any], *, caller: str | None = None) -> dict[str, Any]:
+    """Send a message to a room (with authentication on, the author is the caller, whatever the body says)."""
+    author = caller if caller is not None else body["author"].strip()
+    return {"room": check_room(params["room"]), "author": author, "text": body["text"]}
 
 
 @chat.command("POST", "/chats/{room}/messages/{message_id}/read", event="ChatMessageRead", schema=READ_SCHEMA,
               subject="chats/{room}")
-def read(params: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
-    """Report that a reader has seen a message."""
+def read(params: dict[str, str], body: dict[str, Any], *, caller: str | None = None) -> dict[str, Any]:
+    """Report that a reader has seen a message (with authentication on, the reader is the caller)."""
     room = check_room(params["room"])
     if not MESSAGE_ID_RE.fullmatch(params["message_id"]):
         raise HTTPProblem(404, "no such message", kind="no-such-message")
-    return {"room": room, "message_id": params["message_id"], "reader": body["reader"].strip()}
+    reader = caller if caller is not None else body["reader"].strip()
+    return {"room": room, "message_id": params["message_id"], "reader": reader}

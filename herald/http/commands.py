@@ -87,7 +87,8 @@ def parse_prefer(values: list[str], *, max_wait: float) -> Preferences:
             raw = raw.strip().strip('"')
             if token == "respond-async" and not raw:
                 respond_async = True
-            elif token == "wait" and raw.isdigit() and len(raw) <= 9:
+            # isascii: isdigit() alone takes "²", which float() does not
+            elif token == "wait" and raw.isascii() and raw.isdigit() and len(raw) <= 9:
                 wait = min(float(raw), max_wait)
     return Preferences(respond_async=respond_async, wait=None if respond_async else wait)
 
@@ -102,7 +103,7 @@ async def read_json_body(request: Request, max_body: int) -> Any:
                           kind="unsupported-media-type", headers={"Accept-Post": "application/json"})
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise HTTPProblem(400, "Content-Length is not a number", kind="bad-request")
         if int(length) > max_body:
             raise HTTPProblem(413, f"the body is larger than {max_body} bytes", kind="body-too-large",
@@ -128,6 +129,16 @@ def parse_json(raw: bytes) -> Any:
         if "depth" in exc.msg:  # well-formed, but deeper than anyone needs: the same answer as check_json_shape
             raise HTTPProblem(422, "the body nests too deep", kind="json-too-deep") from exc
         raise HTTPProblem(400, f"the body is not valid JSON: {exc.msg}", kind="invalid-json") from exc
+
+
+def idempotency_scope(owner: str | None, key: str) -> str:
+    """Where ``key`` lives: per owner, length-prefixed so that no subject and key can pass for another's.
+
+    (``urn:user`` with key ``1:k1`` and ``urn:user:1`` with ``k1`` were one scope when joined by ``:``.)
+    """
+    if owner is None:
+        return f"-:{key}"
+    return f"{len(owner)}:{owner}:{key}"
 
 
 def fingerprint(path: str, body: Any) -> str:
@@ -174,7 +185,7 @@ async def submit(
     if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):
         traceparent = None
     try:
-        parsed = command.parse(params, body)
+        parsed = command.parse(params, body, caller=owner)
     except SchemaViolation as exc:
         extra = dict(exc.extra)
         kind = extra.pop("kind", "invalid-command")
@@ -192,7 +203,7 @@ async def submit(
     except EventError as exc:
         raise HTTPProblem(422, str(exc), kind="invalid-command") from exc
     operation = Operation(id=op_id, type=command.event_type, owner=owner, request_event_id=request_event.id)
-    scoped_key = f"{owner or '-'}:{idempotency_key}" if idempotency_key else None
+    scoped_key = idempotency_scope(owner, idempotency_key) if idempotency_key else None
     try:
         accepted = await gateway.broker.accept(
             operation,
@@ -201,8 +212,10 @@ async def submit(
             fingerprint=fingerprint(path, body) if scoped_key else None,
         )
     except IdempotencyConflict as exc:
+        # the other operation is named only to its owner: anonymous callers share one key space
+        known = {"operation_id": exc.operation_id} if owner is not None else {}
         raise HTTPProblem(422, "this Idempotency-Key was already used with a different request",
-                          kind="idempotency-key-reused", operation_id=exc.operation_id) from exc
+                          kind="idempotency-key-reused", **known) from exc
     except BrokerError as exc:
         raise HTTPProblem(503, "the broker is unreachable; the command was not accepted",
                           kind="broker-unavailable", headers={"Retry-After": "2"}) from exc

@@ -65,11 +65,20 @@ class Gateway:
         return self.settings.public_url
 
     def ws_base_url(self, conn: HTTPConnection) -> str:
-        """The absolute ``ws://`` or ``wss://`` origin clients should use."""
+        """The ``ws://`` or ``wss://`` origin for WebSocket URLs, or empty for a relative ``/ws`` URL.
+
+        Absolute only from ``HERALD_PUBLIC_URL``, or for a ``Host`` named in ``HERALD_TRUSTED_HOSTS``:
+        a client-chosen ``Host`` must not send the next client, token and all, to another server.
+        """
         if self.settings.public_url:
             return "ws" + self.settings.public_url.removeprefix("http")
+        host = conn.headers.get("host", "")
+        name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+        if not name or (port and not (port.isascii() and port.isdigit())):
+            name = host
+        if name not in self.settings.trusted_hosts:
+            return ""
         scheme = "wss" if conn.url.scheme in ("https", "wss") else "ws"
-        host = conn.headers.get("host") or f"{conn.url.hostname}:{conn.url.port}"
         return f"{scheme}://{host}"
 
     def topic_urls(self, conn: HTTPConnection, topics: list[str], *, subject: str | None = None) -> dict[str, str]:

@@ -25,6 +25,9 @@ from typing import Any
 
 import jwt
 import orjson
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -37,12 +40,13 @@ from herald.http.gateway import Gateway
 from herald.http.limits import check_json_shape
 from herald.http.problems import HTTPProblem, problem_response
 from herald.protocol import WS_CLOSE_UNAUTHORIZED
-from herald.settings import Settings
+from herald.settings import Settings, SettingsError
 
 COOKIE = "herald_token"
 SESSION_COOKIE_PATH = "/session/cookie"
 _HMAC_ALGORITHMS = ("HS256",)
-_KEY_ALGORITHMS = ("RS256", "ES256")
+_RSA_ALGORITHMS = ("RS256", "RS384", "RS512")
+_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _MAX_TOKEN = 8192
 _MAX_SUBJECT = 256
 _LEEWAY = 30  # seconds of clock skew tolerated between the token issuer and this gateway
@@ -75,7 +79,10 @@ class BearerVerifier:
         if secret:
             self._keys.update(dict.fromkeys(_HMAC_ALGORITHMS, secret))
         if public_key:
-            self._keys.update(dict.fromkeys(_KEY_ALGORITHMS, public_key))
+            # Loaded once, here: only its family's algorithms are registered, so a token signed with
+            # another family (ES256 against an RSA key) is a 401, not an error inside PyJWT.
+            key = _load_public_key(public_key)
+            self._keys.update(dict.fromkeys(_algorithms_for(key), key))
         self.audience = audience
         self.issuer = issuer
 
@@ -103,7 +110,7 @@ class BearerVerifier:
             )
         except jwt.ExpiredSignatureError as exc:
             raise BearerError("the bearer token has expired") from exc
-        except jwt.InvalidTokenError as exc:
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:  # PyJWT's errors, and what its key code raises
             raise BearerError("the bearer token is not valid") from exc
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject or len(subject) > _MAX_SUBJECT or not subject.isprintable():
@@ -172,6 +179,22 @@ class BearerAuthMiddleware:
                 await send({"type": "websocket.close", "code": WS_CLOSE_UNAUTHORIZED, "reason": exc.detail})
             return
         await self.app(scope, receive, send)
+
+
+def _load_public_key(pem: str) -> Any:
+    """The PEM public key, or :class:`ValueError` saying what is wrong (raised at startup)."""
+    try:
+        return serialization.load_pem_public_key(pem.encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise SettingsError(f"HERALD_JWT_PUBLIC_KEY is not a PEM public key: {exc}") from exc
+
+
+def _algorithms_for(key: Any) -> tuple[str, ...]:
+    if isinstance(key, rsa.RSAPublicKey):
+        return _RSA_ALGORITHMS
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _EC_ALGORITHMS:
+        return (_EC_ALGORITHMS[key.curve.name],)
+    raise SettingsError("HERALD_JWT_PUBLIC_KEY must be an RSA key or an EC key on P-256, P-384 or P-521")
 
 
 def _authorization(scope: Scope) -> str | None:

@@ -124,7 +124,7 @@ async def test_the_room_hands_out_urls_whose_token_opens_only_that_room(herald: 
     assert room["room"] == "urls"
     assert room["messages_url"] == "/chats/urls/messages"
     assert room["subscribe_url"].startswith("/topics/chats/urls/events?token=")
-    assert room["websocket_url"].startswith("ws://herald.test/ws?topic=chats/urls&token=")
+    assert room["websocket_url"].startswith("/ws?topic=chats/urls&token=")  # Host herald.test is not trusted
     token = room["subscribe_url"].split("token=")[1]
     assert herald.gateway.signer.verify(token).topics == {"chats/urls"}
     assert_problem(await herald.client.get(f"/topics/chats/other/events?token={token}"), 403)
