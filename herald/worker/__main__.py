@@ -11,55 +11,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from typing import Any
 
 from herald.broker import create_broker
-from herald.domain import Domain
+from herald.loading import LoadError, load_worker_spec
 from herald.logs import configure_logging
 from herald.settings import Settings, SettingsError
-from herald.worker import Worker, WorkerSettings, worker_options
+from herald.worker import Worker, worker_options
+
+DESCRIPTION = __doc__.splitlines()[0]
 
 
-def load_object(path: str) -> Any:
-    """Import ``module:attribute``; ``SystemExit`` with a message saying what is wrong."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise SystemExit(f"expected module:attribute, got {path!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SystemExit(f"cannot import {module_name!r}: {exc}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise SystemExit(f"module {module_name!r} has no attribute {attr!r}") from None
-
-
-def load_worker_spec(path: str) -> type[WorkerSettings]:
-    """The settings class at ``path``, or one made from the :class:`Domain` (or list of them) there."""
-    target = load_object(path)
-    domains = [target] if isinstance(target, Domain) else target if isinstance(target, list | tuple) else None
-    if domains is not None and all(isinstance(d, Domain) for d in domains):
-        handlers = {t: h for d in domains for t, h in d.handlers.items()}
-        return type("DomainWorkerSettings", (WorkerSettings,), {"handlers": handlers})
-    if isinstance(target, type) and isinstance(getattr(target, "handlers", None), dict):
-        return target
-    raise SystemExit(f"{path} is neither a herald.Domain nor a settings class with a handlers mapping")
-
-
-async def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, build the worker and run it until stopped."""
-    parser = argparse.ArgumentParser(prog="herald worker", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The worker's arguments, shared by ``python -m herald.worker`` and ``herald worker``."""
     parser.add_argument("target", help="module:domain (a herald.Domain) or module:Class (a settings class)")
     parser.add_argument("--burst", action="store_true", help="exit when no work is left")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="jobs at once (default: HERALD_WORKER_CONCURRENCY)")
-    args = parser.parse_args(argv)
 
+
+async def work(args: argparse.Namespace) -> int:
+    """Build the worker the parsed ``args`` describe and run it until stopped; the exit status."""
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
@@ -70,7 +46,11 @@ async def main(argv: list[str] | None = None) -> int:
         print("herald worker needs REDIS_URL: the embedded broker lives inside the gateway process",
               file=sys.stderr)
         return 2
-    spec = load_worker_spec(args.target)
+    try:
+        spec = load_worker_spec(args.target)
+    except LoadError as exc:
+        print(f"herald worker: {exc}", file=sys.stderr)
+        return 2
     if not spec.handlers:
         print(f"herald worker: {args.target} declares no handlers", file=sys.stderr)
         return 2
@@ -90,13 +70,25 @@ async def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run() -> int:
-    """Run :func:`main` on uvloop (installed with uvicorn[standard]) when it is there, else on asyncio."""
+async def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, build the worker and run it until stopped."""
+    parser = argparse.ArgumentParser(prog="python -m herald.worker", description=DESCRIPTION)
+    add_arguments(parser)
+    return await work(parser.parse_args(argv))
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop (installed with uvicorn[standard]) when it is there, else on asyncio."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it
-        return asyncio.run(main())
-    return uvloop.run(main())
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def run() -> int:
+    """``python -m herald.worker``: :func:`main` on the best event loop at hand."""
+    return run_loop(main())
 
 
 if __name__ == "__main__":
