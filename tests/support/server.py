@@ -1,8 +1,9 @@
-"""Herald as a real uvicorn subprocess on a free loopback port, for end-to-end tests.
+"""Herald as a real ``herald serve`` subprocess on a free loopback port, for end-to-end tests.
 
-``HeraldServer(env).start()`` runs ``uvicorn app.main:create_app --factory`` with the given
-environment, waits for ``/healthz``, and :meth:`HeraldServer.stop` ends it with SIGTERM (then
-SIGKILL if it lingers). Its stdout and stderr go to a file, so a failing test can show the log.
+``HeraldServer(env).start()`` runs ``herald serve --app app.main:create_app`` (as the Procfile
+does; ``target=`` serves something else) with the given environment, waits for ``/healthz``, and
+:meth:`HeraldServer.stop` ends it with SIGTERM (then SIGKILL if it lingers). Its stdout and stderr
+go to a file, so a failing test can show the log.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_SECRET = "herald-test-secret-0123456789abcdef"
 HERALD_HTTP = "herald.http.fastwrite:HttpToolsProtocol"
-"""uvicorn's --http for Herald: its own httptools protocol, with the direct SSE write."""
+"""uvicorn's --http for Herald (``herald serve`` uses it): for tests that run uvicorn in-process."""
 
 
 def free_port() -> int:
@@ -40,11 +41,14 @@ class HeraldServer:
         env: Mapping[str, str] | None = None,
         *,
         port: int | None = None,
+        target: Sequence[str] = ("--app", "app.main:create_app"),
         # Timeouts
         start_timeout: float = 15.0,
         stop_timeout: float = 5.0,
     ) -> None:
         self.port = port or free_port()
+        self.target = tuple(target)
+        """What ``herald serve`` serves: ``--app module:attr`` or ``--domain module:attr`` (repeatable)."""
         self.env = {"HERALD_SECRET": TEST_SECRET, "HERALD_LOG_LEVEL": "info", **(env or {})}
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -72,9 +76,8 @@ class HeraldServer:
         env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("HERALD_")}
         env.update(self.env)
         command = [
-            sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+            sys.executable, "-m", "herald", "serve", *self.target,
             "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log",
-            "--http", HERALD_HTTP,  # as the Procfile runs it
         ]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
