@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 run:
 	scripts/bootstrap run
-	.venv/bin/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT) --loop uvloop --http herald.http.fastwrite:HttpToolsProtocol --timeout-graceful-shutdown 10
+	.venv/bin/herald serve --app app.main:create_app --host $(HOST) --port $(PORT)
 
 test:
 	scripts/bootstrap test
