@@ -4,7 +4,7 @@ Every server here listens on a free loopback port, keeps its files in a temporar
 stopped by its own process group id. Nothing touches a Redis the bench did not start.
 
 * :class:`RedisServer`: the bench's own ``redis-server`` (no persistence), one per scenario.
-* :class:`HeraldServer`: the gateway (uvicorn, one process) plus one ``python -m herald.worker``.
+* :class:`HeraldServer`: the gateway (``herald serve``, one process) plus one ``herald worker``.
 * :class:`NaiveServer`: :mod:`bench.baselines.naive` under the same uvicorn flags, plus its worker.
 * :class:`NchanServer`: nginx with ``ngx_nchan_module``, one worker process, Redis storage.
 
@@ -277,7 +277,7 @@ def _ready(target: Target, url: str) -> Target:
 
 def herald_uses_redis() -> bool:
     """Whether this tree has the Redis broker yet (until it lands, Herald runs on the memory broker)."""
-    return (ROOT / "app" / "broker" / "redis.py").exists()
+    return (ROOT / "herald" / "broker" / "redis.py").exists()
 
 
 HERALD_HTTP = "herald.http.fastwrite:HttpToolsProtocol"
@@ -285,8 +285,7 @@ UVICORN_FLAGS = ["--loop", "uvloop", "--http", "httptools", "--backlog", "4096",
                  "--log-level", "warning", "--timeout-graceful-shutdown", "1"]
 
 
-def start_herald(workdir: Path, redis: RedisServer, *, ws: str = "websockets-sansio",
-                 extra_env: dict[str, str] | None = None) -> Target:
+def start_herald(workdir: Path, redis: RedisServer, *, extra_env: dict[str, str] | None = None) -> Target:
     """Herald on the bench's Redis: one gateway process and one worker process."""
     port = free_port()
     env = {**os.environ, "HERALD_SECRET": SECRET, "HERALD_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
@@ -298,14 +297,16 @@ def start_herald(workdir: Path, redis: RedisServer, *, ws: str = "websockets-san
         env["HERALD_EMBEDDED_WORKER"] = "0"
     else:
         target.notes.append("memory broker, embedded worker (app/broker/redis.py not in this tree yet)")
-    # Herald's own httptools protocol (app/http/fastwrite.py), as in its Procfile; the baselines get uvicorn's
-    flags = [HERALD_HTTP if f == "httptools" else f for f in UVICORN_FLAGS]
+    # `herald serve`, as the Procfile runs it: uvloop, Herald's own httptools protocol (HERALD_HTTP) and
+    # websockets-sansio built in; the uvicorn flags the baselines get that it does not set by itself are
+    # passed (its log level follows HERALD_LOG_LEVEL)
     target.processes.append(spawn("herald-gateway", [
-        PYTHON, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", HOST, "--port", str(port),
-        "--ws", ws, *flags,
+        PYTHON, "-m", "herald", "serve", "--app", "app.main:create_app", "--host", HOST, "--port", str(port),
+        "--backlog", "4096", "--no-access-log", "--timeout-graceful-shutdown", "1",
     ], workdir, env=env))
     if herald_uses_redis():
-        target.processes.append(spawn("herald-worker", [PYTHON, "-m", "herald.worker"], workdir, env=env))
+        target.processes.append(spawn("herald-worker", [PYTHON, "-m", "herald", "worker", "app.chat:chat"],
+                                      workdir, env=env))
     return _ready(target, f"http://{HOST}:{port}/readyz")
 
 

@@ -2,8 +2,8 @@
 
 ``python -m bench.soak [--minutes 10] [--connections 2000] [--rate 5] [--broker redis|memory]``
 
-It starts its own Herald gateway (uvicorn, the Procfile's flags) on a free loopback port — and,
-with ``--broker redis``, its own ``redis-server`` and one ``python -m herald.worker`` — opens the
+It starts its own Herald gateway (``herald serve``, as the Procfile) on a free loopback port — and,
+with ``--broker redis``, its own ``redis-server`` and one ``herald worker`` — opens the
 connections (half SSE, half WebSocket, spread over chat rooms), then POSTs chat messages at a
 steady rate for the whole run while every connection receives its room's events. Every
 ``--sample`` seconds it reads the gateway's resident memory (``/proc/<pid>/statm``) and open
@@ -34,7 +34,7 @@ import httpx
 import orjson
 import websockets
 
-from bench.servers import HERALD_HTTP, HOST, ROOT, Managed, RedisServer, free_port, raise_fd_limit, spawn, wait_http
+from bench.servers import HOST, ROOT, Managed, RedisServer, free_port, raise_fd_limit, spawn, wait_http
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SECRET = "soak-secret-not-for-production-0123456789"
@@ -216,10 +216,10 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if args.broker == "redis":
             redis = RedisServer(workdir).start()
             env["REDIS_URL"] = redis.url
-            procs.append(spawn("worker", [sys.executable, "-m", "herald.worker"], workdir, env=env))
+            procs.append(spawn("worker", [sys.executable, "-m", "herald", "worker", "app.chat:chat"], workdir, env=env))
         gateway = spawn("gateway", [
-            sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", HOST, "--port", str(port),
-            "--loop", "uvloop", "--http", HERALD_HTTP, "--ws", "websockets-sansio", "--no-access-log",
+            sys.executable, "-m", "herald", "serve", "--app", "app.main:create_app",
+            "--host", HOST, "--port", str(port), "--no-access-log",
         ], workdir, env=env)
         procs.append(gateway)
         wait_http(f"http://{HOST}:{port}/readyz", procs)
