@@ -67,7 +67,14 @@ class Context:
     """What a handler gets: the request event and the means to answer it."""
 
     def __init__(
-        self, broker: Broker, event: Event, operation: Operation, *, source: str, delivery: Delivery | None = None
+        self,
+        broker: Broker,
+        event: Event,
+        operation: Operation,
+        *,
+        source: str,
+        delivery: Delivery | None = None,
+        on_settle: Callable[[Delivery], None] | None = None,
     ) -> None:
         self.broker = broker
         self.event = event
@@ -75,6 +82,8 @@ class Context:
         self.source = source
         self.delivery = delivery
         """The delivery of the request, acknowledged together with the operation's end."""
+        self._on_settle = on_settle
+        """Told :attr:`delivery` just before the broker is asked to acknowledge it (the worker lets its lease go)."""
         self.finished = False
         self.acked = False
         """Whether the broker acknowledged :attr:`delivery` (with the operation's end, or when refusing it)."""
@@ -168,6 +177,8 @@ class Context:
 
     async def _finish(self, status: Status, **fields: Any) -> Operation:
         # the staged events, the end and the ack in one step; the broker acks a refused move too
+        if self.delivery is not None and self._on_settle is not None:
+            self._on_settle(self.delivery)
         try:
             self.operation = await self.broker.transition(
                 self.operation.id, status, traceparent=self.event.traceparent, current=self.operation,
@@ -221,6 +232,8 @@ class Worker:
         self._released = 0  # jobs given back by a handler (Retry): a burst looks once more after one
         self._stopping = asyncio.Event()
         self._inflight: dict[asyncio.Task[None], Delivery] = {}
+        self._leased: set[Delivery] = set()
+        """The jobs whose lease is kept: taken, and not yet being acknowledged or given back by this worker."""
 
     def stop(self) -> None:
         """Stop taking new work; :meth:`run` returns once the current jobs finish or are released."""
@@ -251,7 +264,8 @@ class Worker:
                         continue
                     task = asyncio.create_task(self._handle(delivery))
                     self._inflight[task] = delivery
-                    task.add_done_callback(self._inflight.pop)
+                    self._leased.add(delivery)
+                    task.add_done_callback(self._forget)
                 if burst and not deliveries:
                     if not self._inflight:
                         if self._released != released:
@@ -264,11 +278,24 @@ class Worker:
             finally:
                 leases.cancel()
 
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._leased.discard(self._inflight.pop(task))
+
+    def _let_go(self, delivery: Delivery) -> None:
+        """Stop extending ``delivery``: this worker is about to acknowledge it or give it back.
+
+        Called before the broker is asked, not after it answered: the broker may apply the ack before an
+        extend sent meanwhile, and report the job as no longer held while this worker still awaits the
+        ack's reply (or its task has ended but is not yet out of ``_inflight``). If the ack fails, the
+        request is redelivered after the visibility timeout, as the worker logs.
+        """
+        self._leased.discard(delivery)
+
     async def _keep_leases(self) -> None:
         """Extend the jobs in hand every third of the visibility timeout, so a long job is not handed out twice."""
         while True:
             await asyncio.sleep(max(0.05, self.broker.visibility_timeout / 3))
-            held = list(self._inflight.values())
+            held = list(self._leased)
             if not held:
                 continue
             try:
@@ -276,9 +303,9 @@ class Worker:
             except BrokerError as exc:
                 log.warning("could not extend the jobs in hand (%s); they may be handed out again", exc)
                 continue
-            still_held = set(self._inflight.values())  # one settled meanwhile is not "lost"
             for delivery in lost:
-                if delivery in still_held:
+                if delivery in self._leased:  # one this worker settled meanwhile was let go first: not lost
+                    self._leased.discard(delivery)  # warn once; another consumer holds it now
                     log.warning("job %s is no longer this worker's; another may run it too", delivery.delivery_id)
 
     async def _drain(self) -> None:
@@ -290,6 +317,7 @@ class Worker:
             delivery = self._inflight.get(task)
             task.cancel()
             if delivery is not None:
+                self._let_go(delivery)
                 try:
                     await self.broker.release(delivery)
                 except BrokerError:
@@ -314,6 +342,7 @@ class Worker:
         # "acked": the broker acknowledged it in the step that ended the operation
 
     async def _settle(self, action: Callable[[Delivery], Awaitable[None]], delivery: Delivery) -> None:
+        self._let_go(delivery)
         try:
             await action(delivery)
         except BrokerError:
@@ -349,7 +378,7 @@ class Worker:
             # the cancel came between our read and the move (the move re-read the changed operation):
             # still refuse to run, so a handler need not re-read the operation before it starts
             return await self._end_unrun(delivery, operation, Status.CANCELED)
-        ctx = Context(self.broker, event, operation, source=self.source, delivery=delivery)
+        ctx = Context(self.broker, event, operation, source=self.source, delivery=delivery, on_settle=self._let_go)
         handler = self.handlers[event.type]
         try:
             result = await handler(ctx)
@@ -384,6 +413,7 @@ class Worker:
 
     async def _end_unrun(self, delivery: Delivery, operation: Operation, status: Status, **fields: Any) -> str:
         """End an operation whose handler is not run, acknowledging its request in the same step."""
+        self._let_go(delivery)
         try:
             await self.broker.transition(operation.id, status, traceparent=delivery.event.traceparent,
                                          current=operation, ack=delivery, **fields)
