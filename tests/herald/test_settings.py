@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
 from herald.settings import Settings, SettingsError
@@ -26,7 +28,7 @@ def test_a_random_secret_differs_per_process_start() -> None:
 def test_values_are_read_and_typed() -> None:
     settings = Settings.from_env({
         "REDIS_URL": "redis://127.0.0.1:1/0",
-        "HERALD_SECRET": "s" * 20,
+        "HERALD_SECRET": "s" * 32,
         "HERALD_PUBLIC_URL": "https://herald.example/",
         "HERALD_HEARTBEAT": "0.5",
         "HERALD_HISTORY_SIZE": "7",
@@ -34,11 +36,11 @@ def test_values_are_read_and_typed() -> None:
         "HERALD_MAX_WAIT": "2.5",
         "HERALD_CORS_ORIGINS": " https://a.example , ,https://b.example",
         "HERALD_LOG_LEVEL": "DEBUG",
-        "HERALD_JWT_SECRET": "k",
+        "HERALD_JWT_SECRET": "k" * 32,
     })
     assert settings.redis_url == "redis://127.0.0.1:1/0"
     assert settings.embedded_worker is False  # with Redis the worker is its own process by default
-    assert settings.secret == "s" * 20
+    assert settings.secret == "s" * 32
     assert settings.public_url == "https://herald.example"
     assert settings.heartbeat == 0.5
     assert settings.history_size == 7
@@ -49,9 +51,56 @@ def test_values_are_read_and_typed() -> None:
     assert settings.auth_enabled
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("0", False), ("false", False), ("no", False), ("1", True)])
-def test_embedded_worker_switch(raw: str, expected: bool) -> None:
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("1", True), ("true", True), ("yes", True), ("on", True), ("True", True), ("YES", True), (" On ", True),
+     ("0", False), ("false", False), ("no", False), ("off", False), ("False", False), ("OFF", False),
+     ("No", False)],
+)
+def test_embedded_worker_switch_reads_booleans_case_insensitively(raw: str, expected: bool) -> None:
     assert Settings.from_env({"HERALD_EMBEDDED_WORKER": raw}).embedded_worker is expected
+
+
+@pytest.mark.parametrize("raw", ["maybe", "2", "-1", "enabled", "y", "n", "tru", "0.0", "none"])
+def test_an_unknown_boolean_is_refused_with_the_variable_named(raw: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"HERALD_EMBEDDED_WORKER": raw})
+    assert "HERALD_EMBEDDED_WORKER" in str(caught.value)
+    assert repr(raw) in str(caught.value)
+
+
+def test_every_default_is_stated_once_by_its_field() -> None:
+    # from_env without a variable builds exactly what Settings() does: no default is repeated elsewhere
+    from_env = Settings.from_env({})
+    plain = Settings(secret=from_env.secret)
+    for spec in fields(Settings):
+        assert getattr(from_env, spec.name) == getattr(plain, spec.name), spec.name
+    assert from_env == plain
+
+
+def test_every_field_names_its_environment_variable() -> None:
+    names = [spec.metadata.get("env") for spec in fields(Settings)]
+    assert all(isinstance(name, str) and name for name in names)
+    assert len(set(names)) == len(names)  # one variable, one field
+
+
+def test_redis_without_a_secret_is_refused_saying_what_to_set() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert "HERALD_SECRET" in str(caught.value)
+
+
+def test_redis_with_a_secret_starts_without_the_embedded_worker() -> None:
+    settings = Settings.from_env({"REDIS_URL": "redis://127.0.0.1:6379/0", "HERALD_SECRET": "k" * 32})
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.secret == "k" * 32
+    assert settings.embedded_worker is False
+
+
+def test_redis_with_the_embedded_worker_asked_for_keeps_it() -> None:
+    settings = Settings.from_env({"REDIS_URL": "redis://127.0.0.1:6379/0", "HERALD_SECRET": "k" * 32,
+                                  "HERALD_EMBEDDED_WORKER": "on"})
+    assert settings.embedded_worker is True
 
 
 def test_empty_values_mean_the_default() -> None:
