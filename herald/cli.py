@@ -450,9 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "tail", help="print a topic's events as they come",
         description="Print a topic's events, one JSON line each, reconnecting with the last cursor when the "
-                    "connection drops. Topics need a subscribe token: a read route that hands out URLs gives "
-                    "one in its subscribe_url (e.g. GET /chats/{room}); pass it with --token, or pass that "
-                    "subscribe_url itself as TOPIC.")
+                    "connection drops. Topics need a subscribe token: a domain's read route that hands out "
+                    "a topic's URLs (Gateway.topic_urls) gives one in its subscribe_url; pass it with --token, "
+                    "or pass that subscribe_url itself as TOPIC.")
     p.add_argument("topic", metavar="TOPIC", help="a topic (orders/42), or a subscribe URL carrying its token")
     _add_url(p)
     p.add_argument("--token", help="the subscribe token for TOPIC")

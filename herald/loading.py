@@ -1,39 +1,22 @@
 """Loading what the ``herald`` command is pointed at: ``module:attribute`` targets.
 
-``herald serve --domain pkg.mod:orders``, ``herald serve --app pkg.mod:create_app`` and ``herald
-worker pkg.mod:orders`` name an object by its import path. A target that cannot be loaded raises
-:class:`LoadError`, whose message says what is wrong in one line (the command prints it and exits 2).
+``herald serve --domain pkg.mod:orders`` and ``herald serve --app pkg.mod:create_app`` name an
+object by its import path (the worker's targets are :mod:`herald.worker.targets`, which this builds
+on). A target that cannot be loaded raises :class:`LoadError`, whose message says what is wrong in
+one line (the command prints it and exits 2).
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 from herald.domain import Domain
 from herald.settings import Settings
-from herald.worker import WorkerSettings
+from herald.worker.targets import LoadError, load_object
 
-
-class LoadError(Exception):
-    """A ``module:attribute`` target is missing, unimportable or of the wrong kind."""
-
-
-def load_object(path: str) -> Any:
-    """Import ``module:attribute`` and return the attribute."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise LoadError(f"expected module:attribute, got {path!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise LoadError(f"cannot import {module_name!r}: {exc}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise LoadError(f"module {module_name!r} has no attribute {attr!r}") from None
+__all__ = ["LoadError", "is_factory", "load_app", "load_domains", "load_object", "takes_settings"]
 
 
 def load_domains(path: str) -> list[Domain]:
@@ -43,18 +26,6 @@ def load_domains(path: str) -> list[Domain]:
     if not domains or not all(isinstance(d, Domain) for d in domains):
         raise LoadError(f"{path} is not a herald.Domain (nor a list of them)")
     return list(domains)
-
-
-def load_worker_spec(path: str) -> type[WorkerSettings]:
-    """The settings class at ``path``, or one made from the :class:`Domain` (or list of them) there."""
-    target = load_object(path)
-    domains = [target] if isinstance(target, Domain) else target if isinstance(target, list | tuple) else None
-    if domains is not None and all(isinstance(d, Domain) for d in domains):
-        handlers = {t: h for d in domains for t, h in d.handlers.items()}
-        return type("DomainWorkerSettings", (WorkerSettings,), {"handlers": handlers})
-    if isinstance(target, type) and isinstance(getattr(target, "handlers", None), dict):
-        return target
-    raise LoadError(f"{path} is neither a herald.Domain nor a settings class with a handlers mapping")
 
 
 def is_factory(target: Callable[..., Any]) -> bool:

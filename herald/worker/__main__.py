@@ -18,10 +18,10 @@ from collections.abc import Coroutine
 from typing import Any
 
 from herald.broker import create_broker
-from herald.loading import LoadError, load_worker_spec
 from herald.logs import configure_logging
 from herald.settings import Settings, SettingsError
 from herald.worker import Worker, worker_options
+from herald.worker.targets import LoadError, load_worker_spec
 
 DESCRIPTION = __doc__.splitlines()[0]
 

@@ -28,6 +28,7 @@ import websockets
 
 from herald.client import SSEParser
 from herald.loading import is_factory
+from herald.worker.targets import LoadError, load_worker_spec
 from tests.support.server import ROOT, TEST_SECRET, HeraldServer, free_port
 from tests.support.sse import sse_connect
 
@@ -411,3 +412,21 @@ def test_an_app_factory_is_told_from_an_asgi_app() -> None:
 
     assert not is_factory(asgi)
     assert is_factory(factory)
+
+
+def test_worker_targets_are_a_domain_a_list_of_them_or_a_settings_class(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cli_targets.py").write_text(
+        "from herald import Domain, WorkerSettings\n"
+        "a, b, again = Domain('a'), Domain('b'), Domain('again')\n"
+        "both, clash = [a, b], [a, again]\n"
+        "async def handle(ctx): ...\n"
+        "a.handler('A')(handle); b.handler('B')(handle); again.handler('A')(handle)\n"
+        "class Settings(WorkerSettings):\n    handlers = {'C': handle}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert set(load_worker_spec("cli_targets:a").handlers) == {"A"}
+    assert set(load_worker_spec("cli_targets:both").handlers) == {"A", "B"}
+    assert set(load_worker_spec("cli_targets:Settings").handlers) == {"C"}
+    with pytest.raises(LoadError, match="A has handlers in two domains"):
+        load_worker_spec("cli_targets:clash")
