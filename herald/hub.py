@@ -8,11 +8,16 @@ A :class:`Subscriber` is one SSE stream or WebSocket. Its transport coroutine aw
 :meth:`Subscriber.next_batch` and writes what it gets. A transport may also give the
 subscriber a ``direct`` write: a live frame that finds the queue empty and the coroutine
 parked is then written at once, without waking it (``direct`` returns ``False`` when it
-cannot write now, and the frame is queued as usual, so order and the queue bound hold). When a queue would overflow, the
+cannot write now, and the frame is queued as usual, so order and the queue bound hold; one that
+raises counts as ``False`` and is not used again). When a queue would overflow, the
 subscriber is marked overflowed: its queue is dropped (memory stays bounded), the transport
 is told to close with ``slow-consumer`` as the reason, and if the transport does not get
 to write that within the grace period its task is cancelled. The client reconnects with its
 cursor and loses nothing still in the topic's history.
+
+The hub is the broker's sink: nothing a subscriber does raises into the broker's publish, and
+one subscriber failing never costs the others a frame (a connection whose ``push`` fails, a
+bug, is closed with ``error``; its client resumes from its cursor).
 
 When the broker lost live frames of a topic beyond what its history still holds (a fan-out
 connection down for longer than the history lasts), it tells the hub, and every local
@@ -33,6 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from herald.broker.base import Broker, HistoryPage
 from herald.protocol import Cursor, Frame, format_cursor, parse_cursor
@@ -71,6 +77,9 @@ class Subscriber:
         "task",
         "transport",
     )
+
+    direct_failure_logged: ClassVar[bool] = False
+    """Whether a direct write raised in this process (a broken one fails for every connection: logged once)."""
 
     def __init__(self, max_queue: int, transport: str = "sse") -> None:
         self.max_queue = max_queue
@@ -113,12 +122,25 @@ class Subscriber:
             return
         if self.direct is not None and not backlog and not self.queue:
             waiter = self._waiter  # parked and not yet woken: nothing of ours is on its way to the client
-            if waiter is not None and not waiter.done() and self.direct(frame):
-                return
+            if waiter is not None and not waiter.done():
+                try:
+                    if self.direct(frame):
+                        return
+                except Exception:
+                    self._direct_failed()  # not written: the frame is queued as if it had said no
         self.queue.append(frame)
         if backlog:
             self._backlog += 1
         self._wake()
+
+    def _direct_failed(self) -> None:
+        # A transport's bug must not reach the broker that is publishing (nor the other subscribers
+        # of the topic): this connection goes on through its queue, without the direct write.
+        self.direct = None
+        if not Subscriber.direct_failure_logged:
+            Subscriber.direct_failure_logged = True
+            log.error("a %s connection's direct write raised; it uses its queue from now on", self.transport,
+                      exc_info=True, extra={"event": "hub.direct_failed"})
 
     def gap(self, topic: str, oldest: str | None) -> None:
         """Queue a :class:`Gap` notice for ``topic`` (outside the queue bound, like a control message)."""
@@ -276,11 +298,24 @@ class Hub:
             return
         if isinstance(subs, Subscriber):
             self.frames_dispatched += 1
-            subs.push(frame)
+            try:
+                subs.push(frame)
+            except Exception:
+                self._push_failed(subs)
             return
         self.frames_dispatched += len(subs)
         for sub in subs:
-            sub.push(frame)
+            try:  # free while nothing raises (3.11): one subscriber's failure must not cost the others the frame
+                sub.push(frame)
+            except Exception:
+                self._push_failed(sub)
+
+    def _push_failed(self, sub: Subscriber) -> None:
+        # A bug, not a client's doing. Its queue may now miss the frame, so the connection is ended;
+        # the client reconnects with its cursor and replays what it missed. The broker never sees it.
+        log.exception("handing a frame to a %s connection failed; closing it", sub.transport,
+                      extra={"event": "hub.push_failed"})
+        sub.close("error")
 
     async def attach(self, sub: Subscriber, topic: str) -> None:
         """Add ``sub`` to ``topic``'s local fan-out, subscribing the broker on first use.

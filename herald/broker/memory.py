@@ -7,6 +7,7 @@ The same contract as the Redis broker, kept in dicts and deques: used when
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -26,6 +27,8 @@ from herald.events import Event
 from herald.operations import IllegalTransition, Operation, Status, operation_topic, status_event, transition
 from herald.operations import request_cancel as cancel_flag
 from herald.protocol import Cursor, Frame, format_cursor, parse_cursor
+
+log = logging.getLogger("herald.broker.memory")
 
 
 @dataclass(slots=True)
@@ -228,9 +231,12 @@ class MemoryBroker(Broker):
         events: Sequence[tuple[str, Event]] = (),
         ack: Delivery | None = None,
     ) -> Operation:
-        """Apply a checked status change: publish ``events``, store it, publish its status event, ack ``ack``.
+        """Apply a checked status change: store ``events``, the operation and its status event, ack ``ack``.
 
         Nothing can interleave (one loop, no await), so the stored operation is never stale here.
+        The frames go to the sink after all of it is stored, and a sink that fails is logged, as on
+        Redis: nothing a receiver does (the hub writes to sockets from there) can leave events
+        published and the operation not ended.
         """
         now = time.monotonic()
         current = self._get(operation_id, now)
@@ -242,16 +248,16 @@ class MemoryBroker(Broker):
             if ack is not None:
                 self._ack(ack)  # nothing left to do for this request, as on Redis
             raise
-        for topic, event in events:
-            self._append(topic, event, self._ttl(topic))
+        stored = [(topic, self._store(topic, event, self._ttl(topic)), event) for topic, event in events]
         self._operations[operation_id] = (updated, self._operations[operation_id][1])
-        self._append(
-            operation_topic(operation_id),
-            status_event(updated, source=self.source, traceparent=traceparent),
-            self.operation_ttl,
-        )
+        topic = operation_topic(operation_id)
+        end = status_event(updated, source=self.source, traceparent=traceparent)
+        stored.append((topic, self._store(topic, end, self.operation_ttl), end))
         if ack is not None:
             self._ack(ack)
+        # handed to the sink only once all of it is stored: whatever a receiver does, the end is whole
+        for topic, cursor, event in stored:
+            self._hand(topic, cursor, event)
         return updated
 
     async def request_cancel(self, operation_id: str) -> Operation:
@@ -266,6 +272,20 @@ class MemoryBroker(Broker):
 
     # Topics ----------------------------------------------------------------------------
     def _append(self, topic: str, event: Event, ttl: float) -> str:
+        cursor = self._store(topic, event, ttl)
+        self._hand(topic, cursor, event)
+        return cursor
+
+    def _hand(self, topic: str, cursor: str, event: Event) -> None:
+        if topic not in self._subscribed:
+            return
+        try:  # free while nothing raises (3.11)
+            self._deliver(Frame.from_event(topic, cursor, event))
+        except Exception:  # stored already: a failing sink must not fail the publish, nor cut a fan-out short
+            log.exception("the frame sink failed on %s", topic)
+
+    def _store(self, topic: str, event: Event, ttl: float) -> str:
+        """Append ``event`` to the topic's history (no fan-out); its cursor."""
         now = time.monotonic()
         state = self._topics.get(topic)
         if state is None or state.expires_at <= now:
@@ -279,8 +299,6 @@ class MemoryBroker(Broker):
         state.events.append((key, StoredEvent(topic, cursor, event)))
         if len(state.events) > self.history_size:
             state.dropped = state.events.popleft()[0]
-        if topic in self._subscribed:
-            self._deliver(Frame.from_event(topic, cursor, event))
         return cursor
 
     async def publish(self, topic: str, event: Event) -> str:

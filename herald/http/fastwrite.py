@@ -1,47 +1,101 @@
-"""uvicorn's httptools protocol with a direct chunk write for SSE frames.
+"""Herald's uvicorn adapter: the one module that knows uvicorn's internals.
 
-Run the gateway with ``uvicorn ... --http herald.http.fastwrite:HttpToolsProtocol`` (the Procfile,
-``make run`` and the benchmark do). Without it Herald works the same, only slower to fan out.
+``herald serve`` runs uvicorn with :class:`HttpToolsProtocol` (by hand: ``uvicorn ... --http
+herald.http.fastwrite:HttpToolsProtocol``, as the benchmark does). Without it, under uvicorn's own
+protocols or another ASGI server, Herald works the same through plain ASGI, only slower to fan out.
 
-Handing a frame to an idle SSE stream otherwise wakes the stream's coroutine, which sends the
-frame down the ASGI ``send`` chain (Starlette's wrapper, then uvicorn's ``send``), which frames it
-as an HTTP chunk and writes it. In a fan-out that round costs about as much CPU as the socket
+Why: handing a frame to an idle SSE stream otherwise wakes the stream's coroutine, which sends
+the frame down the ASGI ``send`` chain (Starlette's wrapper, then uvicorn's ``send``), which frames
+it as an HTTP chunk and writes it. In a fan-out that round costs about as much CPU as the socket
 write itself: bench scenario B (1,000 streams on one topic) took 17-18 µs of gateway CPU per
 delivery through it and 10-12 µs with this write, of which the kernel's write is most.
 
-This protocol puts a writer in each GET request's scope, ``scope["extensions"][CHUNK_WRITE]``:
-``write(body) -> bool`` writes ``body`` as one chunk of the response, at once, *only if* the
-response is a started, unfinished, chunked one, the client is still connected, uvicorn has not
-paused writing, and the transport holds nothing unsent (so the write can neither overtake bytes
-still queued nor bypass flow control). Otherwise it writes nothing and returns ``False``, and
-the caller takes the normal path through ``send``. A slow client therefore still fills the
-stream's bounded queue and is cut off as a slow consumer, as without this protocol.
+The contract, as the push endpoints (:mod:`herald.http.push`) rely on it:
 
-The writer reads uvicorn's ``RequestResponseCycle`` state (``response_started``,
-``response_complete``, ``chunked_encoding``, ``disconnected``, ``flow.write_paused``): that is
-uvicorn's internal interface, checked by tests/herald/http/test_fastwrite.py against the installed
-uvicorn.
+* This protocol is uvicorn's httptools protocol. Each GET request's scope gets a
+  :class:`ChunkWriter` in ``scope["extensions"][CHUNK_WRITE]``; the stream takes it out with
+  :func:`take_chunk_writer` (no writer: plain ASGI).
+* ``write(body) -> bool`` writes ``body`` as one chunk of the response, at once, *only if* the
+  response is a started, unfinished, chunked one, the client is still connected, uvicorn has not
+  paused writing, and the transport holds nothing unsent (so the write can neither overtake bytes
+  still queued nor bypass flow control). Otherwise it writes nothing and returns ``False``, and the
+  caller takes the normal path through ``send``. A slow client therefore still fills the stream's
+  bounded queue and is cut off as a slow consumer, as without this protocol.
+* ``write`` never raises. Should uvicorn's state fail it anyway, the writer logs it (once per
+  process), answers ``False`` from then on, and the frame goes through ``send``.
+* ``serves(receive)`` says whether ``receive`` is uvicorn's own for this request, i.e. nothing
+  between the server and the app stands in for the connection. Only then may the app write
+  directly (a ``BaseHTTPMiddleware`` runs the app in a task of its own and relays its messages
+  through a stream: a direct write could overtake them) and step ``receive()`` by hand without a
+  task (uvicorn's is a plain coroutine that awaits an ``asyncio.Event``; a wrapped one may need a
+  task of its own, as anyio's cancel scopes do). A middleware that rewrites the body (compression)
+  must leave ``text/event-stream`` alone, as Starlette's ``GZipMiddleware`` does.
+
+The writer reads uvicorn's private ``RequestResponseCycle`` state (``response_started``,
+``response_complete``, ``chunked_encoding``, ``disconnected``, ``flow.write_paused``, ``transport``,
+``receive``) and the protocol's ``cycle`` and ``scope``. Those live on instances, so they are
+checked once per process, against the first request's live cycle, before any writer is handed
+out (:func:`check_cycle`). If anything is missing or of another kind (a uvicorn release renamed
+it), the protocol logs one warning and from then on behaves exactly as uvicorn's own: no writer,
+plain ASGI. tests/herald/http/test_fastwrite.py runs all of this in a real uvicorn of the
+installed version.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import inspect
+import logging
+from typing import Any, ClassVar
 
+import uvicorn
+from starlette.types import Receive
 from uvicorn.protocols.http import httptools_impl
 
-CHUNK_WRITE = "herald.chunk_write"
-"""The scope extension: ``write(body: bytes) -> bool``, see the module docstring."""
+log = logging.getLogger("herald.fastwrite")
 
-ChunkWrite = Callable[[bytes], bool]
+CHUNK_WRITE = "herald.chunk_write"
+"""The scope extension holding the request's :class:`ChunkWriter`, see the module docstring."""
+
+_MISSING = object()
+_FLAGS = ("disconnected", "response_started", "response_complete")
+_TRANSPORT_CALLS = ("is_closing", "get_write_buffer_size", "write")
+
+
+def check_cycle(cycle: Any) -> str | None:
+    """What of uvicorn's response-cycle state the writer reads is missing from ``cycle``, or ``None``."""
+    if not isinstance(getattr(cycle, "scope", None), dict):
+        return "RequestResponseCycle.scope (a dict)"
+    for name in _FLAGS:
+        if not isinstance(getattr(cycle, name, None), bool):
+            return f"RequestResponseCycle.{name} (a bool)"
+    # `in` compares with ==: the default must not look like a bool, as 0 would
+    if getattr(cycle, "chunked_encoding", _MISSING) not in (None, True, False):
+        return "RequestResponseCycle.chunked_encoding (None or a bool)"
+    if not isinstance(getattr(getattr(cycle, "flow", None), "write_paused", None), bool):
+        return "RequestResponseCycle.flow.write_paused (a bool)"
+    transport = getattr(cycle, "transport", None)
+    for name in _TRANSPORT_CALLS:
+        if not callable(getattr(transport, name, None)):
+            return f"the transport's {name}()"
+    if not inspect.iscoroutinefunction(getattr(type(cycle), "receive", None)):
+        return "RequestResponseCycle.receive (a coroutine function)"
+    return None
 
 
 class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
-    """uvicorn's httptools protocol; GET requests get :data:`CHUNK_WRITE` in their scope."""
+    """uvicorn's httptools protocol; GET requests get a :class:`ChunkWriter` in their scope."""
+
+    fast_path: ClassVar[bool | None] = None
+    """Whether this process's uvicorn passed :func:`check_cycle`; ``None`` until its first request."""
 
     def on_headers_complete(self) -> None:
         """Let uvicorn set up the request, then add the writer bound to its response cycle."""
         super().on_headers_complete()
+        fast = HttpToolsProtocol.fast_path
+        if fast is None:
+            fast = _settle(self)
+        if not fast:
+            return
         cycle = self.cycle
         # an upgrade (WebSocket) or a refused request makes no new cycle for this scope
         if cycle is not None and cycle.scope is self.scope and self.scope.get("method") == "GET":
@@ -50,13 +104,30 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         """Drop an unused writer with its response (it refers to the cycle, which refers to the scope)."""
-        cycle = self.cycle
-        if cycle is not None and cycle.response_complete:  # not a pipelined request's cycle, not started yet
-            take_chunk_writer(cycle.scope)
+        if HttpToolsProtocol.fast_path:
+            cycle = self.cycle
+            if cycle is not None and cycle.response_complete:  # not a pipelined request's cycle, not started yet
+                take_chunk_writer(cycle.scope)
         super().on_response_complete()
 
 
-def take_chunk_writer(scope: Any) -> ChunkWrite | None:
+def _settle(protocol: HttpToolsProtocol) -> bool | None:
+    """Decide :attr:`HttpToolsProtocol.fast_path` on this request, once; ``None`` while undecidable."""
+    if hasattr(protocol, "cycle") and hasattr(protocol, "scope"):
+        cycle = protocol.cycle
+        if cycle is None or getattr(cycle, "scope", protocol.scope) is not protocol.scope:
+            return None  # a request uvicorn upgraded or refused: it made no cycle, ask the next one
+        missing = check_cycle(cycle)
+    else:
+        missing = "HttpToolsProtocol.cycle and .scope"
+    HttpToolsProtocol.fast_path = missing is None
+    if missing is not None:
+        log.warning("uvicorn %s lacks %s, which Herald's direct SSE write reads: serving plain ASGI instead",
+                    uvicorn.__version__, missing, extra={"event": "fastwrite.disabled"})
+    return missing is None
+
+
+def take_chunk_writer(scope: Any) -> ChunkWriter | None:
     """Take the writer out of ``scope`` (``None`` if it has none); the caller keeps it while it needs it.
 
     Taking it leaves no dict behind, and no reference cycle scope → writer → cycle → scope.
@@ -64,10 +135,19 @@ def take_chunk_writer(scope: Any) -> ChunkWrite | None:
     extensions = scope.get("extensions")
     if not extensions:
         return None
-    write: ChunkWrite | None = extensions.pop(CHUNK_WRITE, None)
+    write: ChunkWriter | None = extensions.pop(CHUNK_WRITE, None)
     if not extensions:
         del scope["extensions"]
     return write
+
+
+class _Retired:
+    """Stands in for the cycle of a writer that failed once: it reads as disconnected, so writes stop."""
+
+    disconnected = True
+
+
+_RETIRED = _Retired()
 
 
 class ChunkWriter:
@@ -75,16 +155,37 @@ class ChunkWriter:
 
     __slots__ = ("_cycle",)
 
+    failure_logged: ClassVar[bool] = False
+    """Whether a writer of this process failed already (logged once, with its traceback)."""
+
     def __init__(self, cycle: httptools_impl.RequestResponseCycle) -> None:
-        self._cycle = cycle
+        # Any: after a failure this holds _RETIRED, which has only the one attribute read first
+        self._cycle: Any = cycle
 
     def __call__(self, body: bytes) -> bool:
         """Write ``body`` as one chunk now if nothing can be overtaken or held back; else ``False``."""
         cycle = self._cycle
-        transport = cycle.transport
-        if (cycle.disconnected or not cycle.response_started or cycle.response_complete
-                or cycle.chunked_encoding is not True or cycle.flow.write_paused
-                or transport.is_closing() or transport.get_write_buffer_size()):
+        try:  # free while nothing raises; anything that does is uvicorn's state not being what we read
+            if (cycle.disconnected or not cycle.response_started or cycle.response_complete
+                    or cycle.chunked_encoding is not True or cycle.flow.write_paused):
+                return False
+            transport = cycle.transport
+            if transport.is_closing() or transport.get_write_buffer_size():
+                return False
+            transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        except Exception:
+            self._retire()
             return False
-        transport.write(b"%x\r\n%b\r\n" % (len(body), body))
         return True
+
+    def serves(self, receive: Receive) -> bool:
+        """Whether ``receive`` is uvicorn's own for this request (see the module docstring)."""
+        own = getattr(self._cycle, "receive", None)  # a bound method: a new object each time, equal to its twins
+        return own is not None and bool(receive == own)
+
+    def _retire(self) -> None:
+        self._cycle = _RETIRED
+        if not ChunkWriter.failure_logged:
+            ChunkWriter.failure_logged = True
+            log.warning("Herald's direct SSE write failed on uvicorn %s; that stream's frames go through ASGI",
+                        uvicorn.__version__, exc_info=True, extra={"event": "fastwrite.failed"})

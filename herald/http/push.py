@@ -2,8 +2,9 @@
 
 Each connection is one :class:`~herald.hub.Subscriber` and one coroutine that writes what
 the hub queues for it: pre-framed bytes, batched into one write when several are
-waiting. SSE needs one more small task, to notice the client going away (uvicorn's
-``send`` stays silent after a disconnect); the WebSocket's reader is that task.
+waiting. SSE also has to notice the client going away (uvicorn's ``send`` stays silent after a
+disconnect): :class:`DisconnectWatch` under Herald's uvicorn protocol, one small task elsewhere;
+the WebSocket's reader does it for a socket.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from herald.auth import Grant, TokenError
 from herald.broker.base import BrokerError, HistoryPage
 from herald.http.commands import parse_prefer, submit
-from herald.http.fastwrite import ChunkWrite, take_chunk_writer
+from herald.http.fastwrite import ChunkWriter, take_chunk_writer
 from herald.http.gateway import Gateway
 from herald.http.problems import HTTPProblem, problem_response
 from herald.hub import HEARTBEAT, Gap, Subscriber
@@ -143,13 +144,17 @@ class EventStream(Response):
             start = format_vector_cursor(positions) if vector else positions[0]
             preamble.append(b"id: " + (start or "0-0").encode() + b"\n\n")
         sub.task = asyncio.current_task()
-        watcher = DisconnectWatch(receive, sub)
+        # Herald's uvicorn protocol only (herald/http/fastwrite.py), reached through no middleware that
+        # stands in for the connection; anything else is plain ASGI: frames through send, a watch task
+        write = take_chunk_writer(scope)
+        if write is not None and not write.serves(receive):
+            write = None
+        watcher = DisconnectWatch(receive, sub) if write is not None else _watch_task(receive, sub)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b"".join(preamble), "more_body": True})
             # the loop lives in this frame: a coroutine of its own would be one more frame per idle stream
             index = {t: i for i, t in enumerate(self.topics)} if vector else {}
-            write = take_chunk_writer(scope)  # Herald's uvicorn protocol only (app/http/fastwrite.py)
             if write is not None and not vector:
                 sub.direct = _DirectWrite(write, positions, self.end_on_terminal)
             while True:
@@ -220,7 +225,7 @@ class _DirectWrite:
 
     __slots__ = ("end_on_terminal", "positions", "write")
 
-    def __init__(self, write: ChunkWrite, positions: list[str | None], end_on_terminal: bool) -> None:
+    def __init__(self, write: ChunkWriter, positions: list[str | None], end_on_terminal: bool) -> None:
         self.write = write
         self.positions = positions
         self.end_on_terminal = end_on_terminal
@@ -244,6 +249,11 @@ class DisconnectWatch:
     disconnect), and a task per connection just to wait on ``receive()`` costs memory and a
     scheduling round per connection. Instead the ``receive()`` coroutine is stepped by hand, the
     way a task would step it: each future it waits on gets a done callback that steps it again.
+    Only for a ``receive`` that Herald's uvicorn protocol vouches for (``ChunkWriter.serves``);
+    any other gets :func:`_watch_task`, as it may depend on the task that runs it: a
+    ``BaseHTTPMiddleware``'s ``receive`` opens an anyio task group, whose cancel scope belongs to
+    whichever task steps it first, and stepped from the stream's task it cancelled the stream
+    before its response started (a 500, "No response returned").
     """
 
     __slots__ = ("_coro", "_receive", "_sub")
@@ -286,6 +296,20 @@ class DisconnectWatch:
         coro, self._coro = self._coro, None
         if coro is not None:
             coro.close()
+
+
+def _watch_task(receive: Receive, sub: Subscriber) -> asyncio.Task[None]:
+    """What :class:`DisconnectWatch` does, for any ``receive``: a task that awaits it (``cancel()`` stops it)."""
+    return asyncio.ensure_future(_await_disconnect(receive, sub))
+
+
+async def _await_disconnect(receive: Receive, sub: Subscriber) -> None:
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass  # the (empty) request body; the next message is the disconnect
+    except Exception:  # a receive that fails: the connection is gone
+        pass
+    sub.close("client-gone")
 
 
 def _last_event_id(request: Request) -> str | None:

@@ -337,6 +337,32 @@ async def test_a_transition_publishes_its_events_before_its_status_event_and_ack
     assert await broker.consume([REQUEST], "w2", block=VISIBILITY * 2) == []
 
 
+async def test_a_sink_that_raises_neither_fails_nor_splits_a_transition_or_a_publish(broker: Broker) -> None:
+    handed: list[tuple[str, str]] = []
+
+    def sink(frame: Frame) -> None:
+        handed.append((frame.topic, frame.type))
+        raise RuntimeError("a receiver's bug")
+
+    broker.set_sink(sink)
+    delivery, running = await held_running(broker)
+    topic = operation_topic(running.id)
+    await broker.subscribe(topic)
+    await broker.subscribe("chats/room")
+    happened = event(1)
+    done = await broker.transition(running.id, Status.SUCCEEDED, current=running,
+                                   events=[(topic, happened), ("chats/room", happened)], ack=delivery)
+    assert done.status is Status.SUCCEEDED
+    assert await broker.get_operation(running.id) == done
+    assert await types_on(broker, topic) == ["herald.operation.running", "ThingHappened", "herald.operation.succeeded"]
+    assert await types_on(broker, "chats/room") == ["ThingHappened"]
+    await broker.publish("chats/room", event(2))
+    await eventually(lambda: len(handed) >= 4)  # every frame was handed over, the failures notwithstanding
+    assert sorted(handed) == [("chats/room", "ThingHappened"), ("chats/room", "ThingHappened"),
+                              (topic, "ThingHappened"), (topic, "herald.operation.succeeded")]
+    assert await broker.consume([REQUEST], "w2", block=VISIBILITY * 2) == []  # acknowledged with the end
+
+
 async def test_a_transition_retried_on_a_stale_copy_publishes_its_events_once_and_acks(broker: Broker) -> None:
     delivery, running = await held_running(broker)
     topic = operation_topic(running.id)

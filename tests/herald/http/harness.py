@@ -113,14 +113,18 @@ async def in_process(*, domains: Iterable[Domain] | None = None, **overrides: An
 
 @contextlib.asynccontextmanager
 async def served(
-    *, http: str = HERALD_HTTP, domains: Iterable[Domain] | None = None, **overrides: Any
+    *, http: str = HERALD_HTTP, domains: Iterable[Domain] | None = None,
+    prepare: Callable[[Starlette], None] | None = None, **overrides: Any
 ) -> AsyncIterator[LiveHerald]:
     """An app built from ``make_settings(**overrides)``, served by uvicorn on a free loopback port.
 
-    ``http`` is uvicorn's HTTP protocol: Herald's own (app/http/fastwrite.py, as the Procfile runs it)
-    unless a test asks for uvicorn's ``"httptools"`` or ``"h11"``.
+    ``http`` is uvicorn's HTTP protocol: Herald's own (herald/http/fastwrite.py, as ``herald serve``
+    runs it) unless a test asks for uvicorn's ``"httptools"`` or ``"h11"``. ``prepare(app)`` runs
+    before the app starts (to add a middleware, say).
     """
     app = make_app(domains, **overrides)
+    if prepare is not None:
+        prepare(app)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

@@ -1,25 +1,33 @@
-"""Herald's uvicorn protocol (app/http/fastwrite.py) and the hub's direct write that uses it.
+"""Herald's uvicorn protocol (herald/http/fastwrite.py) and the hub's direct write that uses it.
 
 The protocol's writer reads uvicorn's internal response-cycle state, so these tests run it in a
 real uvicorn against the installed version: it writes a chunk only into a started, chunked,
 unfinished response to a connected client whose transport holds nothing unsent, and the hub
-hands it a live frame only when the stream is idle, so nothing is reordered or lost.
+hands it a live frame only when the stream is idle, so nothing is reordered or lost. A uvicorn
+whose state is not what the writer reads gets no writer at all (checked once, at its first
+request), and a writer that fails anyway answers "not written" instead of raising.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import uvicorn
+from uvicorn.protocols.http import httptools_impl
 
-from herald.http.fastwrite import CHUNK_WRITE, HttpToolsProtocol
+from herald.events import build_event
+from herald.http.fastwrite import CHUNK_WRITE, ChunkWriter, HttpToolsProtocol
 from herald.hub import Subscriber
 from herald.protocol import Frame
-from tests.herald.http.harness import wait_until
+from tests.herald.http.harness import LiveHerald, wait_until
+from tests.support.sse import sse_connect
 
 # The hub side ----------------------------------------------------------------------------------
 
@@ -106,6 +114,8 @@ class Probe:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         write = scope.get("extensions", {}).get(CHUNK_WRITE)
         self.seen["has_writer"] = write is not None
+        if write is not None:
+            self.seen["serves"] = write.serves(receive)
         try:
             if write is None:
                 await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -173,8 +183,8 @@ async def test_the_writer_writes_a_chunk_only_into_a_started_unfinished_chunked_
     assert b"transfer-encoding: chunked" in head.lower()
     # the direct chunk, then what went through send, then the direct one after it, then the end
     assert body == b"6\r\ndirect\r\n6\r\n-sent-\r\n5\r\nagain\r\n0\r\n\r\n"
-    assert app.seen == {"has_writer": True, "before_start": False, "chunked": True, "after_send": True,
-                        "after_end": False, "writer_kept": False}
+    assert app.seen == {"has_writer": True, "serves": True, "before_start": False, "chunked": True,
+                        "after_send": True, "after_end": False, "writer_kept": False}
 
 
 async def test_the_writer_refuses_a_response_with_a_content_length() -> None:
@@ -210,3 +220,71 @@ async def test_the_writer_stops_when_the_client_stops_reading_and_when_it_is_gon
         app.release.set()
         await asyncio.wait_for(app.done.wait(), 5)
     assert app.seen["after_gone"] is False
+
+
+async def test_a_writer_that_uvicorns_state_fails_answers_no_and_writes_no_more() -> None:
+    written: list[bytes] = []
+    transport = SimpleNamespace(is_closing=lambda: False, get_write_buffer_size=lambda: 0, write=written.append)
+    # a uvicorn that renamed flow control: the writer's read fails
+    cycle = SimpleNamespace(disconnected=False, response_started=True, response_complete=False,
+                            chunked_encoding=True, transport=transport)
+    write = ChunkWriter(cycle)  # type: ignore[arg-type]
+    assert write(b"x") is False  # not written, and nothing raised to the hub
+    cycle.flow = SimpleNamespace(write_paused=False)
+    assert write(b"y") is False  # retired for good: that stream's frames go through send
+    assert written == []
+
+
+def renamed_cycle(old: str, new: str) -> type:
+    """uvicorn's RequestResponseCycle as a release that renamed ``old`` to ``new`` would have it (it still works)."""
+    source = inspect.getsource(httptools_impl.RequestResponseCycle)
+    assert f"self.{old}" in source
+    namespace = dict(vars(httptools_impl))
+    exec(compile(source.replace(f"self.{old}", f"self.{new}"), httptools_impl.__file__, "exec"), namespace)
+    renamed: type = namespace["RequestResponseCycle"]
+    return renamed
+
+
+async def test_a_uvicorn_whose_cycle_lacks_what_the_writer_reads_serves_plain_asgi(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    make_live: Callable[..., Awaitable[LiveHerald]],
+) -> None:
+    monkeypatch.setattr(httptools_impl, "RequestResponseCycle", renamed_cycle("chunked_encoding", "chunked"))
+    monkeypatch.setattr(HttpToolsProtocol, "fast_path", None)  # as in a fresh process
+    app = Probe()
+    async with serve(app) as port:
+        first = await request(port, get("/sized"))
+        second = await request(port, get("/stream"))
+    assert first.startswith(b"HTTP/1.1 200") and b"no writer" in first and b"no writer" in second
+    assert app.seen == {"has_writer": False}
+    assert HttpToolsProtocol.fast_path is False
+    warnings = [r for r in caplog.records if r.name == "herald.fastwrite"]
+    assert len(warnings) == 1 and "chunked_encoding" in warnings[0].getMessage()
+
+    herald = await make_live()  # the whole app, on Herald's protocol: SSE works, through send
+    token = herald.gateway.signer.issue(["news"])
+    async with sse_connect(herald.client, f"/topics/news/events?token={token}") as stream:
+        await stream.next_block()
+        await wait_until(lambda: herald.gateway.hub.connections == 1)
+        [sub] = herald.gateway.hub._subscribers
+        assert sub.direct is None
+        await herald.broker.publish("news", build_event("bench.tick", {"n": 1}, source="test"))
+        assert (await stream.next_message()).json()["data"] == {"n": 1}
+    await wait_until(lambda: herald.gateway.hub.connections == 0)
+
+
+async def test_streams_of_the_app_take_the_direct_write_through_its_own_middleware(
+    make_live: Callable[..., Awaitable[LiveHerald]],
+) -> None:
+    herald = await make_live(cors_origins=("https://chat.example",))  # CORS, PushMiddleware, error handling
+    token = herald.gateway.signer.issue(["news"])
+    async with sse_connect(herald.client, f"/topics/news/events?token={token}",
+                           headers={"Origin": "https://chat.example"}) as stream:
+        await stream.next_block()
+        await wait_until(lambda: herald.gateway.hub.connections == 1)
+        [sub] = herald.gateway.hub._subscribers
+        assert sub.direct is not None
+        assert HttpToolsProtocol.fast_path is True
+        await herald.broker.publish("news", build_event("bench.tick", {"n": 2}, source="test"))
+        assert (await stream.next_message()).json()["data"] == {"n": 2}
+    await wait_until(lambda: herald.gateway.hub.connections == 0)
