@@ -187,7 +187,7 @@ def create_app(
         if settings.embedded_worker and catalog.handlers:
             # poll bounds how long stop() waits for the blocking consume: short, so shutdown is prompt
             worker = Worker(broker, catalog.handlers, name="embedded", poll=0.1,
-                            **worker_options(settings, shutdown_grace=2.0))
+                            **worker_options(settings))
             worker_task = asyncio.create_task(worker.run(), name="embedded-worker")
         log.info("herald ready", extra={"broker": "redis" if settings.redis_url else "memory",
                                         "embedded_worker": settings.embedded_worker})
@@ -199,7 +199,7 @@ def create_app(
             await hub.close()
             if worker is not None and worker_task is not None:
                 worker.stop()
-                await asyncio.wait([worker_task], timeout=5)
+                await asyncio.wait([worker_task], timeout=settings.worker_grace + 1)
             await broker.close()
             gc.set_threshold(*gc_default)
 

@@ -50,8 +50,8 @@ class CommandInput:
     subject: str | None = None
 
 
-CommandFunction = Callable[[dict[str, str], Any], Any]
-"""``(path parameters, validated body) -> request event data`` (or a :class:`CommandInput`)."""
+CommandFunction = Callable[..., Any]
+"""``(path parameters, validated body[, *, caller]) -> request event data`` (or a :class:`CommandInput`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +65,7 @@ class Command:
     summary: str = ""
     schema: dict[str, Any] | None = None
     subject: str | None = None
-    """A template of the request event's subject, filled from the path parameters (e.g. ``chats/{room}``)."""
+    """A template of the request event's subject, filled from the path parameters (e.g. ``orders/{id}``)."""
     validate: Validator | None = None
     takes_caller: bool = False
     """Whether ``build`` has a ``caller`` keyword: the authenticated subject (``None`` in anonymous mode)."""

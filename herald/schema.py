@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import fastjsonschema
+import jsonschema_rs
 
 Validator = Callable[[Any], Any]
 
@@ -41,8 +42,12 @@ class SchemaViolation(ValueError):
 def compile_schema(schema: dict[str, Any]) -> Validator:
     """A validator for ``schema``; :class:`SchemaError` if the schema itself is invalid."""
     try:
+        jsonschema_rs.meta.validate(schema)
+    except jsonschema_rs.ValidationError as exc:
+        raise SchemaError(f"invalid JSON Schema: {exc.message}") from exc
+    try:
         validate = fastjsonschema.compile(schema)
-    except fastjsonschema.JsonSchemaDefinitionException as exc:
+    except Exception as exc:  # a definition error, or a pattern that is not a regex (re.error), …
         raise SchemaError(f"invalid JSON Schema: {exc}") from exc
 
     def check(body: Any) -> Any:

@@ -270,7 +270,7 @@ class Broker(ABC):
     # Resources (read models of the domains built on Herald) ----------------------------
     @abstractmethod
     async def put_resource(self, path: str, document: dict[str, Any], *, ttl: int) -> None:
-        """Store a JSON document under a resource path (e.g. ``/chats/lobby/messages/m1``)."""
+        """Store a JSON document under a resource path (e.g. ``/orders/42``)."""
 
     @abstractmethod
     async def get_resource(self, path: str) -> dict[str, Any] | None:

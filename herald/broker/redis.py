@@ -73,6 +73,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -118,6 +120,7 @@ GROUP = "herald-workers"
 _RELEASED = "herald-released"  # the consumer that holds released deliveries until they are reclaimed
 _LONG_IDLE_MS = 365 * 86400 * 1000  # "idle for a year": past any visibility timeout, yet not in the future
 _CAS_ATTEMPTS = 8
+_UPDATE_ATTEMPTS = 32
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 2.0
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError, ClusterDownError,
                 TryAgainError, OSError)
@@ -299,6 +302,7 @@ class RedisBroker(Broker):
         self._health_interval = health_interval
         # consume() blocks in slices this long, so reclaimed and released work is seen between them
         self._poll = min(1.0, max(0.05, visibility_timeout / 4))
+        self._resource_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         # A blocking pool: a burst of calls (thousands of clients subscribing at once) waits for one of
         # max_connections connections. redis-py's default pool refuses call 101 with "Too many connections",
         # which turned into 503s for SSE clients under load (found by the benchmark, scenario A).
@@ -886,29 +890,36 @@ class RedisBroker(Broker):
     ) -> dict[str, Any] | None:
         """Optimistic: ``WATCH``, ``GET``, then ``SET`` in a ``MULTI`` that fails if another writer got in first.
 
-        ``change`` runs in this process (a Lua script would have to re-encode the JSON), and the
-        update is tried again after a conflict, up to :data:`_CAS_ATTEMPTS` times.
+        ``change`` runs in this process (a Lua script would have to re-encode the JSON). Writers of
+        one path in this process take turns (a lock per path), so only other processes conflict;
+        after a conflict the update is tried again after a short random pause, up to
+        :data:`_UPDATE_ATTEMPTS` times.
         """
         key = _key("res", path)
-        with _reachable(self):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for _ in range(_CAS_ATTEMPTS):
-                    try:
-                        await pipe.watch(key)
-                        raw = await pipe.get(key)
-                        if raw is None:
-                            return None
-                        document = orjson.loads(raw)
-                        changed = change(document)
-                        if changed is None:
-                            return document
-                        pipe.multi()
-                        pipe.set(key, orjson.dumps(changed), px=_ms(ttl))
-                        await pipe.execute()
-                        return changed
-                    except WatchError:
-                        continue
-        raise BrokerError(f"{path}: {_CAS_ATTEMPTS} concurrent updates in a row; try again")
+        lock = self._resource_locks.get(path)
+        if lock is None:
+            lock = self._resource_locks[path] = asyncio.Lock()  # weakly held: gone with its last writer
+        async with lock:
+            for attempt in range(_UPDATE_ATTEMPTS):
+                with _reachable(self):
+                    async with self._redis.pipeline(transaction=True) as pipe:
+                        try:
+                            await pipe.watch(key)
+                            raw = await pipe.get(key)
+                            if raw is None:
+                                return None
+                            document: dict[str, Any] = orjson.loads(raw)
+                            changed = change(document)
+                            if changed is None:
+                                return document
+                            pipe.multi()
+                            pipe.set(key, orjson.dumps(changed), px=_ms(ttl))
+                            await pipe.execute()
+                            return changed
+                        except WatchError:
+                            pass
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        raise BrokerError(f"{path}: {_UPDATE_ATTEMPTS} concurrent updates in a row; try again")
 
     async def put_resource_if_absent(self, path: str, document: dict[str, Any], *, ttl: int) -> dict[str, Any]:
         """``SET key document NX GET PX ttl`` (Redis >= 7.0): one round trip, atomic.

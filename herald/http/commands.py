@@ -213,7 +213,7 @@ async def submit(
         )
     except IdempotencyConflict as exc:
         # the other operation is named only to its owner: anonymous callers share one key space
-        known = {"operation_id": exc.operation_id} if owner is not None else {}
+        known: dict[str, Any] = {"operation_id": exc.operation_id} if owner is not None else {}
         raise HTTPProblem(422, "this Idempotency-Key was already used with a different request",
                           kind="idempotency-key-reused", **known) from exc
     except BrokerError as exc:

@@ -78,9 +78,16 @@ def _check_capacity(gateway: Gateway) -> None:
                           kind="too-many-connections", headers={"Retry-After": "5"})
 
 
+def _grant(gateway: Gateway, token: str | None, topics: list[str], caller: str | None) -> Grant:
+    """The grant opening ``topics`` (the domains' topic rules; a token for the rest); TokenError otherwise."""
+    if gateway.access is None:
+        return gateway.signer.check(token, topics)
+    return gateway.access.check(token, topics, caller)
+
+
 def _authorize(gateway: Gateway, conn: HTTPConnection, topics: list[str]) -> Grant:
     try:
-        return gateway.signer.check(_token(conn), topics)
+        return _grant(gateway, _token(conn), topics, conn.scope.get("herald.subject"))
     except TokenError as exc:
         raise HTTPProblem(exc.status, exc.detail, kind="invalid-token" if exc.status == 401 else "forbidden-topic",
                           headers={"WWW-Authenticate": 'Bearer realm="herald"'} if exc.status == 401 else None
@@ -508,7 +515,7 @@ class SocketSession:
             self._fail(WS_CLOSE_POLICY, f"at most {gateway.settings.max_topics_per_connection} topics per socket")
             return
         try:
-            grant = gateway.signer.check(token or self.url_token, [topic])
+            grant = _grant(gateway, token or self.url_token, [topic], self.ws.scope.get("herald.subject"))
             await _check_owners(gateway, self.ws, [topic], grant)
         except HTTPProblem as exc:
             self.sub.control(ws_message("error", code="forbidden" if exc.status == 403 else "broker-unavailable",

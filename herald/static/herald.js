@@ -11,7 +11,7 @@
  * ```js
  * import { Herald } from "/herald.js";
  * const herald = new Herald();
- * const op = await herald.submit("/chats/lobby/messages", { author: "ann", text: "hi" });
+ * const op = await herald.submit("/orders", { item: "tea", qty: 2 });
  * for await (const event of herald.follow(op)) console.log(event.type, event.data);
  * ```
  *
@@ -185,7 +185,7 @@ export class Herald {
    * when it already ended). Network errors, 409 (the same key is still being accepted) and
    * 503 are retried with the same `Idempotency-Key`, after `Retry-After` when the server
    * sends one, so a retry never creates a second operation.
-   * @param {string} path e.g. `/chats/lobby/messages`
+   * @param {string} path e.g. `/orders`
    * @param {any} body the command, sent as JSON
    * @param {{idempotencyKey?: string, headers?: Record<string,string>, signal?: AbortSignal}} [options]
    * @returns {Promise<Operation>}
@@ -260,10 +260,10 @@ export class Herald {
   }
 
   /**
-   * Subscribe to a topic (e.g. a chat room `chats/lobby`) with the URLs Herald handed out
+   * Subscribe to a topic (e.g. `orders/42`) with the URLs Herald handed out
    * for it. Without a `cursor` a domain topic starts live; with one it resumes right after it.
    * Polling needs a `poll` function (a topic has no generic poll endpoint; a resource's read
-   * model, such as `GET /chats/{room}/messages`, is what to poll).
+   * model, such as `GET /orders/42`, is what to poll).
    * @param {string} topic
    * @param {StreamOptions & {url?: string, websocketUrl?: string}} options
    * @returns {Stream}
@@ -273,7 +273,7 @@ export class Herald {
   }
 
   /**
-   * GET a JSON resource from Herald (e.g. `GET /chats/lobby`).
+   * GET a JSON resource from Herald (e.g. `GET /orders/42`).
    * @param {string} path
    * @param {{signal?: AbortSignal}} [options]
    * @returns {Promise<any>}

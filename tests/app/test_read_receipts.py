@@ -21,13 +21,9 @@ from herald.operations import Operation, Status, new_operation_id
 from tests.herald.http.harness import Herald, in_process
 
 READERS = [f"reader{n:02d}" for n in range(20)]
-CAS_GIVES_UP = pytest.mark.xfail(
-    strict=True,
-    reason="reported: RedisBroker.update_resource raises BrokerError after 8 optimistic attempts when 20 writers "
-           "update one document at once; the receipt then waits a visibility timeout for its redelivery")
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=[pytest.mark.redis, CAS_GIVES_UP])])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=[pytest.mark.redis])])
 def broker_url(request: pytest.FixtureRequest) -> str | None:
     """``None`` (the memory broker) or the URL of the test session's Redis."""
     return None if request.param == "memory" else str(request.getfixturevalue("redis_url"))

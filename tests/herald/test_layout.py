@@ -89,11 +89,9 @@ def in_layer(name: str, allowed: set[str]) -> bool:
     return any(name == a or name.startswith(a + ".") for a in allowed)
 
 
-def param(path: Path, known: dict[str, str]) -> object:
-    """``path`` as a test parameter, an expected failure if ``known`` lists it (a violation reported, not fixed)."""
-    rel = str(path.relative_to(ROOT))
-    marks = [pytest.mark.xfail(strict=True, reason=known[rel])] if rel in known else []
-    return pytest.param(path, id=rel, marks=marks)
+def param(path: Path) -> object:
+    """``path`` as a test parameter named by its place in the repository."""
+    return pytest.param(path, id=str(path.relative_to(ROOT)))
 
 
 # The checks themselves -----------------------------------------------------------------
@@ -126,16 +124,7 @@ def test_herald_never_imports_the_application(path: Path) -> None:
     assert reaching == [], f"{path.relative_to(ROOT)} imports {reaching}: herald/ must not depend on app/"
 
 
-KNOWN_CHAT_NAMES = {
-    "herald/cli.py": "reported: an error message gives 'GET /chats/{room}' as its example",
-    "herald/static/herald.js": "reported: its doc comments use the chat's paths and topics as examples",
-    "herald/domain.py": "reported: Command.subject's docstring gives 'chats/{room}' as its example",
-    "herald/broker/base.py": "reported: put_resource's docstring gives '/chats/lobby/messages/m1' as its example",
-}
-"""Files that name the chat today; each is an expected failure until its owner renames the example."""
-
-
-@pytest.mark.parametrize("path", [param(p, KNOWN_CHAT_NAMES) for p in herald_files(".py", ".js")])
+@pytest.mark.parametrize("path", [param(p) for p in herald_files(".py", ".js")])
 def test_herald_names_no_chat_path_or_event(path: Path) -> None:
     named = [(n, line.strip()) for n, line in enumerate(path.read_text().splitlines(), 1)
              if any(name in line for name in CHAT_NAMES)]
@@ -157,12 +146,7 @@ def test_the_broker_imports_neither_http_nor_the_hub(path: Path) -> None:
     assert upward == [], f"broker/{path.name} imports {upward}"
 
 
-KNOWN_WORKER_IMPORTS = {
-    "herald/worker/__main__.py": "reported: imports herald.loading (which imports herald.domain) to load its target",
-}
-
-
-@pytest.mark.parametrize("path", [param(p, KNOWN_WORKER_IMPORTS) for p in sorted((HERALD / "worker").glob("*.py"))])
+@pytest.mark.parametrize("path", [param(p) for p in sorted((HERALD / "worker").glob("*.py"))])
 def test_the_worker_talks_only_to_the_broker_and_the_core(path: Path) -> None:
     allowed = CORE | SHARED | {"herald.broker", "herald.worker"}
     outside = sorted(m for m in herald_deps(path) if not in_layer(m, allowed))

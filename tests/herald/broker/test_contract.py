@@ -568,15 +568,7 @@ async def test_update_resource_whose_change_returns_none_leaves_the_document(bro
     assert await broker.get_resource(path) is None  # left alone: its TTL was not renewed either
 
 
-CAS_GIVES_UP = ("reported: RedisBroker.update_resource raises BrokerError after 8 optimistic attempts when 20 "
-                "writers update one document at once")
-
-
-async def test_concurrent_updates_of_a_resource_lose_none(
-    broker: Broker, broker_url: str, request: pytest.FixtureRequest
-) -> None:
-    if broker_url != "memory://":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CAS_GIVES_UP))
+async def test_concurrent_updates_of_a_resource_lose_none(broker: Broker) -> None:
     path = "/things/crowd"
     await broker.put_resource(path, {"id": "crowd", "names": []}, ttl=60)
     names = [f"n{i:02d}" for i in range(20)]

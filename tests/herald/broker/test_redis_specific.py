@@ -384,3 +384,28 @@ async def test_ending_an_operation_with_events_loads_the_script_into_a_redis_tha
     await broker.transition(op.id, Status.SUCCEEDED, events=[("chats/flushed", event(1))], ack=delivery)
     assert [s.event.data for s in (await broker.read("chats/flushed", None)).events] == [{"n": 1}]
     assert await broker.consume([REQUEST], "w2", block=0.7) == []
+
+
+async def test_updates_of_one_resource_from_several_processes_lose_none(
+    redis_url: str, make: Callable[..., RedisBroker]
+) -> None:
+    """Writers in one process take turns; across processes WATCH/MULTI conflicts are retried, none lost."""
+    brokers = [make(redis_url) for _ in range(4)]
+    for broker in brokers:
+        await broker.start()
+    path = "/things/contended"
+    await brokers[0].put_resource(path, {"names": []}, ttl=60)
+    conflicts = 0
+
+    def add(name: str) -> Callable[[dict[str, Any]], dict[str, Any] | None]:
+        def change(document: dict[str, Any]) -> dict[str, Any] | None:
+            nonlocal conflicts
+            conflicts += 1  # called once per try: more calls than names means WATCH caught a conflict
+            return {"names": [*document["names"], name]}
+        return change
+
+    names = [f"b{b}-{i:02d}" for b in range(4) for i in range(10)]
+    await asyncio.gather(*(brokers[int(n[1])].update_resource(path, add(n), ttl=60) for n in names))
+    stored = await brokers[1].get_resource(path)
+    assert stored is not None and sorted(stored["names"]) == sorted(names)
+    assert conflicts > len(names)  # the cross-process path was exercised, not only the per-process lock

@@ -107,8 +107,6 @@ async def test_the_embedded_worker_gives_up_after_the_attempts_the_settings_say(
     assert doc["error"]["attempts"] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="reported: herald/app.py passes shutdown_grace=2.0 to worker_options for the "
-                                       "embedded worker, overriding HERALD_WORKER_GRACE")
 async def test_a_stopping_app_gives_running_jobs_the_grace_the_settings_say(limits: dict[str, Any]) -> None:
     started = asyncio.Event()
     cancelled_after: list[float] = []
