@@ -33,6 +33,19 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 _OPERATION_PREFIX = "operations/"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LIMIT_REASONS = frozenset({
+    "rate-limited",          # a client's commands per second (HERALD_RATE_LIMIT)
+    "ws-message-rate",       # a WebSocket's incoming messages per second
+    "ws-commands-inflight",  # a WebSocket's commands not yet answered
+    "ws-queue-overflow",     # a WebSocket that does not read its replies
+    "connections-process",   # this process's push connections (HERALD_MAX_CONNECTIONS)
+    "connections-client",    # one client's push connections
+    "connections-token",     # one subscribe token's push connections
+    "long-polls",            # requests held open by Prefer: wait / ?wait=
+    "header-timeout",        # a request whose headers did not arrive in time (slowloris)
+    "history-evicted",       # topic history dropped by the memory broker's bound
+})
+"""The reasons ``herald_limited_total`` counts: a fixed set, so the metric's cardinality is too."""
 LATENCY_HORIZON = 60.0
 """Seconds an accepted operation waits for its first push before it is no longer timed."""
 
@@ -83,6 +96,12 @@ class Metrics:
             "herald_commands_rejected", "Commands refused before acceptance, by reason", ["reason"],
             registry=self.registry,
         )
+        self.limits = Counter(
+            "herald_limited", "Requests, connections and messages refused or cut off by a limit, by reason",
+            ["reason"], registry=self.registry,
+        )
+        for reason in LIMIT_REASONS:
+            self.limits.labels(reason)  # every reason shows, at 0, before it first happens
         self.push_latency = Histogram(
             "herald_push_latency_seconds",
             "From a command accepted by this process to its operation's first frame pushed by this process",
@@ -91,6 +110,12 @@ class Metrics:
         self._track = track
         self._horizon = horizon
         self._accepted_at: OrderedDict[str, float] = OrderedDict()
+
+    def limited(self, reason: str) -> None:
+        """Count one refusal by a limit; ``reason`` is one of :data:`LIMIT_REASONS`."""
+        if reason not in LIMIT_REASONS:
+            raise ValueError(f"unknown limit reason {reason!r}")
+        self.limits.labels(reason).inc()
 
     def accepted(self, operation_id: str) -> None:
         """A new operation was accepted here: count it and start its latency clock."""

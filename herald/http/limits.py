@@ -80,6 +80,7 @@ async def enforce_rate_limit(conn: HTTPConnection, subject: str | None) -> None:
     if count > limit:
         if gateway.metrics is not None:
             gateway.metrics.rejected.labels("rate-limited").inc()
+            gateway.metrics.limited("rate-limited")
         retry_after = max(1, math.ceil((window + 1) * RATE_WINDOW - now))
         raise HTTPProblem(429, f"more than {limit} commands per second; slow down", kind="rate-limited",
                           headers={"Retry-After": str(retry_after)}, limit=limit)
