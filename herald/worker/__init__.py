@@ -45,6 +45,7 @@ from herald.settings import Settings
 log = logging.getLogger("herald.worker")
 
 PROBLEM_BASE = "https://herald.dev/problems/"
+HANDLER_ERROR_DETAIL = "the handler raised an unexpected error; the worker logged it with this operation's id"
 
 
 class Retry(Exception):
@@ -401,12 +402,13 @@ class Worker:
             raise
         except IllegalTransition:
             pass  # someone else finished it (a repeat delivery raced us); nothing to change
-        except Exception as exc:
+        except Exception:
             log.exception("handler for %s failed", event.type, extra={"correlation_id": op_id})
+            # what the exception says stays in the log: it may name hosts, queries or secrets, and the
+            # operation is public to whoever holds its URL; a handler raises Failed to say something
             await self._fail_quietly(
                 ctx,
-                problem(PROBLEM_BASE + "handler-error", "The worker's handler failed", 500,
-                        f"{type(exc).__name__}: {exc}"),
+                problem(PROBLEM_BASE + "handler-error", "The worker's handler failed", 500, HANDLER_ERROR_DETAIL),
             )
         self.handled += 1
         return "acked" if ctx.acked else "ack"

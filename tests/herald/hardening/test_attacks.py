@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import jwt
@@ -166,3 +167,39 @@ def test_16_pages_carry_a_content_security_policy(herald: Callable[..., HeraldSe
             assert response.headers["x-content-type-options"] == "nosniff", path
             assert response.headers["referrer-policy"] == "no-referrer", path
 
+
+
+LEAKY_DOMAIN = '''
+from herald import Context, Domain, Failed
+
+leaky = Domain("leaky")
+
+
+@leaky.command("POST", "/jobs", event="JobRequested",
+               schema={"type": "object", "properties": {"fail": {"enum": ["crash", "failed"]}}})
+def request(params, body):
+    return body
+
+
+@leaky.handler("JobRequested")
+async def run(ctx: Context) -> None:
+    if ctx.data.get("fail") == "failed":
+        raise Failed("Quota exceeded", "you have used your 10 jobs for today", status=429)
+    raise RuntimeError("cannot reach postgres://admin:hunter2@db.internal:5432/jobs")
+'''
+
+
+def test_16_a_handler_exception_stays_in_the_log_not_in_the_public_error(tmp_path: Path) -> None:
+    (tmp_path / "leaky.py").write_text(LEAKY_DOMAIN)
+    server = HeraldServer({"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, target=("--domain", "leaky:leaky"))
+    with server, httpx.Client(base_url=server.url, timeout=10) as client:
+        crashed = client.post("/jobs", json={"fail": "crash"}, headers={"Prefer": "wait=5"}).json()
+        failed = client.post("/jobs", json={"fail": "failed"}, headers={"Prefer": "wait=5"}).json()
+        log = server.log()
+    assert crashed["status"] == "failed"
+    assert "hunter2" not in str(crashed) and "postgres" not in str(crashed) and "RuntimeError" not in str(crashed)
+    assert crashed["error"]["status"] == 500
+    assert "hunter2" in log and crashed["id"] in log  # the operator still has the whole story
+    # a handler that means to tell the client raises Failed, and its words go out as they are
+    assert (failed["status"], failed["error"]["title"]) == ("failed", "Quota exceeded")
+    assert failed["error"]["detail"] == "you have used your 10 jobs for today"
