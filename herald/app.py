@@ -36,6 +36,7 @@ from herald.http import operations, push, security
 from herald.http.access import TopicAccess
 from herald.http.asyncapi import build_asyncapi
 from herald.http.commands import CommandRouter
+from herald.http.fastwrite import HttpToolsProtocol
 from herald.http.gateway import Gateway
 from herald.http.openapi import build_openapi
 from herald.http.problems import HTTPProblem, handle_http_exception, handle_problem, problem_response
@@ -165,6 +166,7 @@ def create_app(
     hub = Hub(broker, heartbeat=settings.heartbeat, slow_client_grace=settings.slow_client_grace)
     metrics = Metrics(hub, broker)
     broker.set_sink(metrics.sink(hub.dispatch))
+    metrics.count_from("header-timeout", lambda: HttpToolsProtocol.header_timeouts)
     gateway = Gateway(settings=settings, broker=broker, hub=hub,
                       signer=TokenSigner(settings.secret, ttl=settings.token_ttl), metrics=metrics)
     router = CommandRouter()

@@ -136,7 +136,8 @@ def server_options(args: argparse.Namespace, settings: Settings, *, port: int, l
         "host": args.host,
         "port": port,
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        "http": HttpToolsProtocol,
+        # the class with this process's header timeout (uvicorn makes one protocol object per connection)
+        "http": type("HttpToolsProtocol", (HttpToolsProtocol,), {"header_timeout": settings.header_timeout}),
         "ws": "websockets-sansio" if "websockets-sansio" in uvicorn.config.WS_PROTOCOLS else "websockets",
         "ws_max_size": settings.max_ws_message,
         "lifespan": "on",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -107,9 +107,16 @@ class Metrics:
             "From a command accepted by this process to its operation's first frame pushed by this process",
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self._tallies: list[tuple[str, Callable[[], int], list[int]]] = []
         self._track = track
         self._horizon = horizon
         self._accepted_at: OrderedDict[str, float] = OrderedDict()
+
+    def count_from(self, reason: str, read: Callable[[], int]) -> None:
+        """Count ``reason`` from a process-wide tally that ``read`` returns (synced at each scrape)."""
+        if reason not in LIMIT_REASONS:
+            raise ValueError(f"unknown limit reason {reason!r}")
+        self._tallies.append((reason, read, [read()]))
 
     def limited(self, reason: str) -> None:
         """Count one refusal by a limit; ``reason`` is one of :data:`LIMIT_REASONS`."""
@@ -152,4 +159,9 @@ class Metrics:
 
     def render(self) -> bytes:
         """The text exposition of every metric."""
+        for reason, read, seen in self._tallies:
+            now = read()
+            if now > seen[0]:
+                self.limits.labels(reason).inc(now - seen[0])
+                seen[0] = now
         return generate_latest(self.registry)

@@ -86,6 +86,8 @@ class Settings:
     """``HERALD_TOKEN_TTL`` seconds a subscribe token is valid."""
     visibility_timeout: float = _env("HERALD_VISIBILITY_TIMEOUT", 30.0, minimum=0.1)
     """``HERALD_VISIBILITY_TIMEOUT``: seconds before an unacknowledged request event is redelivered."""
+    header_timeout: float = _env("HERALD_HEADER_TIMEOUT", 10.0, minimum=0.1)
+    """``HERALD_HEADER_TIMEOUT``: seconds a request's headers may take to arrive (408 and closed after; slowloris)."""
     slow_client_grace: float = _env("HERALD_SLOW_CLIENT_GRACE", 5.0, minimum=0.0)
     """``HERALD_SLOW_CLIENT_GRACE``: seconds an overflowed client may take to accept its disconnect notice."""
 

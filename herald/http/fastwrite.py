@@ -43,6 +43,7 @@ installed version.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from typing import Any, ClassVar
@@ -56,6 +57,8 @@ log = logging.getLogger("herald.fastwrite")
 CHUNK_WRITE = "herald.chunk_write"
 """The scope extension holding the request's :class:`ChunkWriter`, see the module docstring."""
 
+_LATE_HEADERS = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                 b"content-length: 40\r\nconnection: close\r\n\r\nthe request's headers took too long.\r\n\r\n")
 _MISSING = object()
 _FLAGS = ("disconnected", "response_started", "response_complete")
 _TRANSPORT_CALLS = ("is_closing", "get_write_buffer_size", "write")
@@ -87,9 +90,49 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
 
     fast_path: ClassVar[bool | None] = None
     """Whether this process's uvicorn passed :func:`check_cycle`; ``None`` until its first request."""
+    header_timeout: ClassVar[float] = 10.0
+    """Seconds a request's headers may take to arrive (``HERALD_HEADER_TIMEOUT``; ``herald serve`` sets it)."""
+    header_timeouts: ClassVar[int] = 0
+    """Requests this process cut off because their headers were late (read by the metrics)."""
+    _header_timer: asyncio.TimerHandle | None = None
+
+    # Slowloris: uvicorn waits for a request's headers as long as the client keeps the connection
+    # open, so a client trickling a byte at a time holds a connection (and a slot) forever. From
+    # the connection's first byte (or a kept-alive connection's next request) the headers get
+    # ``header_timeout`` seconds; then the connection is answered 408 and closed.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Start the clock for the first request's headers."""
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def on_message_begin(self) -> None:
+        """A request begins: its headers get the timeout (a kept-alive connection's next one too)."""
+        super().on_message_begin()
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Stop the clock with the connection."""
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _cancel_header_timer(self) -> None:
+        timer, self._header_timer = self._header_timer, None
+        if timer is not None:
+            timer.cancel()
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        transport = self.transport
+        if transport.is_closing():
+            return
+        HttpToolsProtocol.header_timeouts += 1
+        transport.write(_LATE_HEADERS)
+        transport.close()
 
     def on_headers_complete(self) -> None:
         """Let uvicorn set up the request, then add the writer bound to its response cycle."""
+        self._cancel_header_timer()
         super().on_headers_complete()
         fast = HttpToolsProtocol.fast_path
         if fast is None:

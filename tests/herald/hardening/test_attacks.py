@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -203,3 +204,42 @@ def test_16_a_handler_exception_stays_in_the_log_not_in_the_public_error(tmp_pat
     # a handler that means to tell the client raises Failed, and its words go out as they are
     assert (failed["status"], failed["error"]["title"]) == ("failed", "Quota exceeded")
     assert failed["error"]["detail"] == "you have used your 10 jobs for today"
+
+
+def _slow_client(port: int, *, trickle: bool, budget: float = 6.0) -> tuple[bytes, float]:
+    """Connect and send a request's headers a few bytes at a time (or nothing); what came back, and when."""
+    started = time.monotonic()
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=0.25) as sock:
+        if trickle:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        while time.monotonic() - started < budget:
+            if trickle:
+                try:
+                    sock.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    break
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    return received, time.monotonic() - started
+
+
+@pytest.mark.parametrize("trickle", [True, False], ids=["trickled-headers", "silent-connection"])
+def test_13_a_slowloris_connection_is_cut_off_after_the_header_timeout(
+    herald: Callable[..., HeraldServer], trickle: bool
+) -> None:
+    server = herald({"HERALD_HEADER_TIMEOUT": "1"})
+    received, took = _slow_client(server.port, trickle=trickle)
+    assert took < 4, f"held for {took:.1f}s"
+    assert received.startswith(b"HTTP/1.1 408 "), received[:100]
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        assert client.get("/healthz").status_code == 200  # an ordinary request is not affected
+        metrics = client.get("/metrics").text
+    assert 'herald_limited_total{reason="header-timeout"} 1.0' in metrics
