@@ -9,7 +9,9 @@ shop:orders``, the console script of the wheel, serves it as a real process, and
 the path a client takes: ``POST`` → ``202`` → the operation's SSE stream → ``303`` to the order.
 
 The wheel and the venv are built once per session (pip's cache makes the venv quick after the
-first run on a machine).
+first run on a machine). A quick test first checks that the locks still match pyproject.toml, since
+``scripts/bootstrap`` installs the lock and then Herald with ``--no-deps``: a dependency added to
+pyproject.toml but not locked would be missing from every venv.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tomllib
 import urllib.error
 import urllib.request
 import zipfile
@@ -29,12 +32,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from herald.version import __version__
 from tests.support.server import ROOT, free_port
 from tests.support.sse import sse_connect
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(900)]
+slow = pytest.mark.slow
+e2e = pytest.mark.e2e
+installing = pytest.mark.timeout(900)  # the first run on a machine downloads the locked packages
 
 # Timeouts
 BUILD_TIMEOUT = 300.0
@@ -81,6 +89,34 @@ async def read(request):
 orders.topic("orders/{id}", subscribe="token")
 orders.event("OrderConfirmed", schema=ORDER)
 '''
+
+
+def _pins(lock: Path) -> dict[str, Version]:
+    """``{name: version}`` of every package a lock pins."""
+    pins: dict[str, Version] = {}
+    for line in lock.read_text().splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            requirement = Requirement(line.rstrip(" \\"))
+            (pin,) = requirement.specifier
+            pins[canonicalize_name(requirement.name)] = Version(pin.version)
+    return pins
+
+
+def test_the_locks_pin_every_declared_dependency_within_its_bounds() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime_lock, test_lock = _pins(ROOT / "requirements" / "runtime.lock"), _pins(ROOT / "requirements" / "test.lock")
+    runtime = [Requirement(r) for r in project["dependencies"]]
+    extras = [Requirement(r) for extra in ("test", "bench") for r in project["optional-dependencies"][extra]]
+    for lock, declared in ((runtime_lock, runtime), (test_lock, runtime + extras)):
+        for requirement in declared:
+            name = canonicalize_name(requirement.name)
+            if name == "herald-gateway":
+                continue  # the test extra naming the bench extra
+            assert name in lock, f"{requirement} is not locked: run scripts/lock"
+            assert requirement.specifier.contains(lock[name], prereleases=True), (
+                f"the lock pins {name}=={lock[name]}, outside {requirement}: run scripts/lock")
+    # a deployment installs the releases the tests ran on
+    assert runtime_lock.items() <= test_lock.items(), set(runtime_lock.items()) - set(test_lock.items())
 
 
 @dataclass(frozen=True)
@@ -139,6 +175,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     return Installed(wheel, venv)
 
 
+@slow
+@installing
 def test_the_wheel_holds_the_library_its_data_licence_and_script(installed: Installed) -> None:
     assert installed.wheel.name.startswith(f"herald_gateway-{__version__}-")
     with zipfile.ZipFile(installed.wheel) as wheel:
@@ -157,6 +195,8 @@ def test_the_wheel_holds_the_library_its_data_licence_and_script(installed: Inst
     assert not [line for line in runtime if "sse-starlette" in line or "pytest" in line], runtime
 
 
+@slow
+@installing
 def test_the_installed_herald_is_the_venvs_and_brings_no_app_package(installed: Installed, tmp_path: Path) -> None:
     probe = ("import herald, importlib.util, sys; print(herald.__file__); "
              "print(importlib.util.find_spec('app') is None); print(herald.__version__)")
@@ -210,6 +250,9 @@ def shop(installed: Installed, tmp_path: Path) -> Iterator[str]:
             process.wait(STOP_TIMEOUT)
 
 
+@slow
+@e2e
+@installing
 async def test_herald_serve_from_the_wheel_accepts_pushes_and_redirects(installed: Installed, shop: str) -> None:
     async with httpx.AsyncClient(base_url=shop, timeout=5.0) as client:
         refused = await client.post("/orders", json={"item": "tea", "qty": 0})
