@@ -40,6 +40,7 @@ from herald.http.fastwrite import HttpToolsProtocol
 from herald.http.gateway import Gateway
 from herald.http.openapi import build_openapi
 from herald.http.problems import HTTPProblem, handle_http_exception, handle_problem, problem_response
+from herald.http.publish import PublishAuth
 from herald.hub import Hub
 from herald.logs import configure_logging
 from herald.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -175,6 +176,7 @@ def create_app(
     gateway.catalog = catalog
     gateway.commands = router
     gateway.access = TopicAccess(catalog, gateway.signer, subjects=settings.auth_enabled)
+    publishing = PublishAuth.from_settings(settings).route()  # POST /topics/{topic}/events, with its own tokens
     openapi = orjson.dumps(build_openapi(catalog))
     asyncapi = orjson.dumps(build_asyncapi(catalog))
 
@@ -224,6 +226,7 @@ def create_app(
         *router.routes(),
         *operations.routes,
         *push.routes,
+        publishing,
         *(route for domain in catalog.domains for route in domain.routes),
         *security.routes,
     ]
@@ -247,6 +250,7 @@ def create_app(
             open_routes=[*push.routes, *security.routes],
             protected_reads=[*operations.routes,
                              *(r for d in catalog.domains for r in d.routes if id(r) not in public)],
+            own_auth=[publishing],
         )
         middleware.append(Middleware(security.BearerAuthMiddleware, verifier=verifier, rules=rules))
     middleware.append(Middleware(push.PushMiddleware))  # innermost: streams and sockets skip the router's layers

@@ -35,6 +35,7 @@ _OPERATION_PREFIX = "operations/"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LIMIT_REASONS = frozenset({
     "rate-limited",          # a client's commands per second (HERALD_RATE_LIMIT)
+    "publish-rate",          # a publisher's events per second (HERALD_PUBLISH_RATE)
     "ws-message-rate",       # a WebSocket's incoming messages per second
     "ws-commands-inflight",  # a WebSocket's commands not yet answered
     "ws-queue-overflow",     # a WebSocket that does not read its replies

@@ -112,6 +112,14 @@ class Settings:
     """``HERALD_MAX_JSON_DEPTH``: nesting levels allowed in a JSON body (422 beyond)."""
     max_json_string: int = _env("HERALD_MAX_JSON_STRING", 16384, minimum=16)
     """``HERALD_MAX_JSON_STRING``: characters in one JSON string or key of a body (422 beyond)."""
+    publish_max_body: int = _env("HERALD_PUBLISH_MAX_BODY", 1048576, minimum=64)
+    """``HERALD_PUBLISH_MAX_BODY`` bytes in a ``POST /topics/{topic}/events`` body (413 beyond)."""
+    publish_max_batch: int = _env("HERALD_PUBLISH_MAX_BATCH", 100, minimum=1)
+    """``HERALD_PUBLISH_MAX_BATCH``: events in one published batch (422 beyond)."""
+    publish_max_event: int = _env("HERALD_PUBLISH_MAX_EVENT", 65536, minimum=256)
+    """``HERALD_PUBLISH_MAX_EVENT`` bytes in one published event, as Herald encodes it (422 beyond)."""
+    publish_rate: int = _env("HERALD_PUBLISH_RATE", 1000, minimum=0)
+    """``HERALD_PUBLISH_RATE``: events per publisher (token subject) per second, on every gateway (0 = unlimited)."""
 
     # Worker
     worker_concurrency: int = _env("HERALD_WORKER_CONCURRENCY", 8, minimum=1)
@@ -132,6 +140,10 @@ class Settings:
     """``HERALD_JWT_AUDIENCE``: required ``aud`` claim, when set."""
     jwt_issuer: str | None = _env("HERALD_JWT_ISSUER", None)
     """``HERALD_JWT_ISSUER``: required ``iss`` claim, when set."""
+    publish_jwt_secret: str | None = _env("HERALD_PUBLISH_JWT_SECRET", None)
+    """``HERALD_PUBLISH_JWT_SECRET``: HS256 key for publisher tokens; unset = publishers use the HERALD_JWT_* keys."""
+    publish_jwt_public_key: str | None = _env("HERALD_PUBLISH_JWT_PUBLIC_KEY", None)
+    """``HERALD_PUBLISH_JWT_PUBLIC_KEY``: PEM key for RS*/ES* publisher tokens (instead of the HERALD_JWT_* keys)."""
 
     # Logging
     log_level: str = _env("HERALD_LOG_LEVEL", "info")
@@ -176,7 +188,8 @@ class Settings:
         if "*" in values.get("cors_origins", ()):
             raise SettingsError("HERALD_CORS_ORIGINS=* is refused: CORS here allows credentials (the token "
                                 "cookie), so list the origins that may call Herald")
-        for name, field_name in (("HERALD_SECRET", "secret"), ("HERALD_JWT_SECRET", "jwt_secret")):
+        for name, field_name in (("HERALD_SECRET", "secret"), ("HERALD_JWT_SECRET", "jwt_secret"),
+                                 ("HERALD_PUBLISH_JWT_SECRET", "publish_jwt_secret")):
             if field_name in values and len(values[field_name].encode()) < MIN_SECRET:
                 raise SettingsError(f"{name} must be at least {MIN_SECRET} bytes (e.g. `openssl rand -hex 32`)")
         if "public_url" in values:

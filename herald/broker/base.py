@@ -258,13 +258,13 @@ class Broker(ABC):
 
     # Counters ---------------------------------------------------------------------------
     @abstractmethod
-    async def hit(self, key: str, window: int) -> int:
-        """Add one to the counter ``key`` and return its new value; the counter vanishes ``window`` s after
-        its first hit.
+    async def hit(self, key: str, window: int, amount: int = 1) -> int:
+        """Add ``amount`` (one hit, or a batch's events) to the counter ``key`` and return its new value; the
+        counter vanishes ``window`` s after its first hit.
 
-        The fixed-window counter behind ``HERALD_RATE_LIMIT``, shared by every gateway process on
-        the same broker (callers put the window's number in ``key``). RedisBroker: ``INCR`` and
-        ``EXPIRE`` in one ``MULTI`` pipeline, so a counter never outlives its window.
+        The fixed-window counter behind ``HERALD_RATE_LIMIT`` and ``HERALD_PUBLISH_RATE``, shared by every
+        gateway process on the same broker (callers put the window's number in ``key``). RedisBroker:
+        ``INCRBY`` and ``EXPIRE`` in one ``MULTI`` pipeline, so a counter never outlives its window.
         """
 
     # Resources (read models of the domains built on Herald) ----------------------------

@@ -348,14 +348,14 @@ class MemoryBroker(Broker):
         self._subscribed.discard(topic)
 
     # Counters --------------------------------------------------------------------------
-    async def hit(self, key: str, window: int) -> int:
-        """Count one more hit on ``key`` in its window."""
+    async def hit(self, key: str, window: int, amount: int = 1) -> int:
+        """Count ``amount`` more hits on ``key`` in its window."""
         now = time.monotonic()
         count, expires_at = self._counters.get(key, (0, 0.0))
         if expires_at <= now:
             count, expires_at = 0, now + window
-        self._counters[key] = (count + 1, expires_at)
-        return count + 1
+        self._counters[key] = (count + amount, expires_at)
+        return count + amount
 
     # Resources -------------------------------------------------------------------------
     async def put_resource(self, path: str, document: dict[str, Any], *, ttl: int) -> None:

@@ -864,11 +864,11 @@ class RedisBroker(Broker):
             log.exception("the frame sink failed on %s", frame.topic)
 
     # Counters --------------------------------------------------------------------------
-    async def hit(self, key: str, window: int) -> int:
-        """INCR the counter and (re)set its expiry in one MULTI, so it never outlives its window."""
+    async def hit(self, key: str, window: int, amount: int = 1) -> int:
+        """INCRBY the counter and (re)set its expiry in one MULTI, so it never outlives its window."""
         with _reachable(self):
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.incr(_key("count", key))
+                pipe.incrby(_key("count", key), amount)
                 pipe.expire(_key("count", key), window)
                 count, _ = await pipe.execute()
         return int(count)

@@ -59,6 +59,58 @@ def _command_op(command: Command) -> dict[str, Any]:
     }
 
 
+_CLOUDEVENT = {
+    "type": "object",
+    "required": ["type"],
+    "description": "A CloudEvents 1.0 JSON event; specversion, id, time and source are filled in when missing, "
+                   "other lowercase attributes are kept as extensions",
+    "properties": {"specversion": {"const": "1.0"}, "id": {"type": "string"}, "source": {"type": "string"},
+                   "type": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9_.\\-]{0,127}$"},
+                   "time": {"type": "string", "format": "date-time"}, "subject": {"type": "string"},
+                   "datacontenttype": {"const": "application/json"}, "data": {}},
+}
+
+
+def _publish_op() -> dict[str, Any]:
+    """``POST /topics/{topic}/events``: the publish API (herald/http/publish.py)."""
+    body = {"oneOf": [_CLOUDEVENT, {"type": "array", "minItems": 1, "items": _CLOUDEVENT}]}
+    return {
+        "summary": "Publish one CloudEvent, or a batch, to a topic (server to server)",
+        "description": "Needs a bearer JWT whose herald.publish claim lists topic patterns that open the topic. "
+                       "The events are stored in the topic's history and pushed to its subscribers.",
+        "operationId": "publish_events",
+        "security": [{"bearer": []}],
+        "parameters": [
+            {"name": "topic", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "the topic; its slashes are kept (/topics/orders/42/events)"},
+            {"name": "Idempotency-Key", "in": "header", "required": False,
+             "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"}},
+        ],
+        "requestBody": {"required": True, "content": {
+            media: {"schema": body} for media in ("application/json", "application/cloudevents+json",
+                                                  "application/cloudevents-batch+json")}},
+        "responses": {
+            "200": {"description": "Stored and pushed: each event's id and cursor, in order",
+                    "headers": {"Idempotent-Replayed": _HEADER},
+                    "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["events"],
+                        "properties": {"events": {"type": "array", "items": {
+                            "type": "object", "required": ["id", "cursor"],
+                            "properties": {"id": {"type": "string"}, "cursor": {"type": "string"}}}}}}}}},
+            "400": _problem("Malformed JSON, topic or Idempotency-Key"),
+            "401": _problem("Missing or invalid publisher token, or no publisher key configured"),
+            "403": _problem("The token's herald.publish claim does not open the topic, or the topic is reserved"),
+            "409": _problem("The same Idempotency-Key is still being published"),
+            "413": _problem("Body too large (HERALD_PUBLISH_MAX_BODY)"),
+            "415": _problem("Not JSON"),
+            "422": _problem("An invalid or too large event (its index is named), a batch too large, or "
+                            "Idempotency-Key reused with another body"),
+            "429": _problem("Over HERALD_PUBLISH_RATE events per second for this publisher"),
+            "503": _problem("Broker unavailable"),
+        },
+    }
+
+
 def _public_schema(schema: Any) -> Any:
     """``schema`` without Herald's ``x-problem`` keyword (kept out of the published document)."""
     if isinstance(schema, dict):
@@ -165,6 +217,7 @@ def build_openapi(catalog: Catalog) -> dict[str, Any]:
             "responses": {"200": {"description": "Event stream", "content": stream}, **sse_errors},
         }
     }
+    paths["/topics/{topic}/events"]["post"] = _publish_op()
     for path, summary in (("/healthz", "The process is alive"), ("/readyz", "The broker is reachable")):
         paths[path] = {"get": {"summary": summary, "operationId": path.strip("/"),
                                "responses": {"200": {"description": "OK"}, "503": _problem("Not ready")}}}

@@ -8,7 +8,8 @@ with ``401`` the requests that must be authenticated (:class:`BearerRules`): eve
 (``POST``, ``PUT``, ``PATCH``, ``DELETE``), ``GET /operations/{id}``, and every domain read route
 not declared ``public`` — but not the push routes (the SSE streams and ``/ws``, matched as
 routes, not by a suffix), which are opened by subscribe tokens (:mod:`herald.auth`) because a
-browser's ``EventSource`` cannot send headers.
+browser's ``EventSource`` cannot send headers. ``POST /topics/{topic}/events`` is left alone
+altogether: it verifies a publisher token itself (:mod:`herald.http.publish`).
 
 The cookie: ``POST /session/cookie`` with ``{"token": "<subscribe token>"}`` sets it as the
 ``HttpOnly`` cookie ``herald_token``, so an ``EventSource`` (same site, or
@@ -63,7 +64,10 @@ class BearerError(Exception):
 
 
 class BearerVerifier:
-    """Verifies bearer JWTs with the configured keys; returns their subject."""
+    """Verifies bearer JWTs with the configured keys; returns their subject (or all their claims).
+
+    ``key_setting`` names the public key's setting in startup errors (the publish API has keys of its own).
+    """
 
     def __init__(
         self,
@@ -72,6 +76,7 @@ class BearerVerifier:
         public_key: str | None = None,
         audience: str | None = None,
         issuer: str | None = None,
+        key_setting: str = "HERALD_JWT_PUBLIC_KEY",
     ) -> None:
         if not (secret or public_key):
             raise ValueError("a bearer verifier needs HERALD_JWT_SECRET or HERALD_JWT_PUBLIC_KEY")
@@ -81,8 +86,8 @@ class BearerVerifier:
         if public_key:
             # Loaded once, here: only its family's algorithms are registered, so a token signed with
             # another family (ES256 against an RSA key) is a 401, not an error inside PyJWT.
-            key = _load_public_key(public_key)
-            self._keys.update(dict.fromkeys(_algorithms_for(key), key))
+            key = _load_public_key(public_key, key_setting)
+            self._keys.update(dict.fromkeys(_algorithms_for(key, key_setting), key))
         self.audience = audience
         self.issuer = issuer
 
@@ -96,6 +101,11 @@ class BearerVerifier:
 
     def subject(self, token: str) -> str:
         """The ``sub`` of a valid token; :class:`BearerError` otherwise."""
+        subject: str = self.claims(token)["sub"]
+        return subject
+
+    def claims(self, token: str) -> dict[str, Any]:
+        """Every claim of a valid token (``sub`` checked as :meth:`subject` does); :class:`BearerError` otherwise."""
         if len(token) > _MAX_TOKEN:
             raise BearerError("the bearer token is too long")
         try:
@@ -115,20 +125,28 @@ class BearerVerifier:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject or len(subject) > _MAX_SUBJECT or not subject.isprintable():
             raise BearerError("the bearer token's subject must be a printable string of 1-256 characters")
-        return subject
+        return claims
 
 
 class BearerRules:
     """Which requests need a bearer token when authentication is on, decided by route, not by path shape.
 
     ``open_routes``: the routes a subscribe token or nothing opens (the push routes, the cookie);
-    ``protected_reads``: the ``GET`` routes that need a bearer (operations, domain reads).
+    ``protected_reads``: the ``GET`` routes that need a bearer (operations, domain reads);
+    ``own_auth``: the routes that check a token of their own (``POST /topics/{topic}/events`` verifies a
+    publisher token): for their methods the middleware neither asks for nor verifies ``Authorization``.
     Every write needs one, except on an open route.
     """
 
-    def __init__(self, *, open_routes: Iterable[BaseRoute], protected_reads: Iterable[BaseRoute]) -> None:
+    def __init__(self, *, open_routes: Iterable[BaseRoute], protected_reads: Iterable[BaseRoute],
+                 own_auth: Iterable[Route] = ()) -> None:
         self._open = [_regex(r) for r in open_routes]
         self._reads = [_regex(r) for r in protected_reads]
+        self._own = [(_regex(r), frozenset(r.methods or ())) for r in own_auth]
+
+    def authorises_itself(self, method: str, path: str) -> bool:
+        """Whether ``method path`` is a route that checks its own token (left alone by the middleware)."""
+        return any(method in methods and regex.fullmatch(path) for regex, methods in self._own)
 
     def needs_bearer(self, method: str, path: str) -> bool:
         """Whether ``method path`` must carry a valid bearer token."""
@@ -158,6 +176,9 @@ class BearerAuthMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        if scope["type"] == "http" and self.rules.authorises_itself(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
         header = _authorization(scope)
         try:
             if header is not None:
@@ -181,20 +202,20 @@ class BearerAuthMiddleware:
         await self.app(scope, receive, send)
 
 
-def _load_public_key(pem: str) -> Any:
-    """The PEM public key, or :class:`ValueError` saying what is wrong (raised at startup)."""
+def _load_public_key(pem: str, setting: str) -> Any:
+    """The PEM public key, or :class:`ValueError` saying what is wrong with ``setting`` (raised at startup)."""
     try:
         return serialization.load_pem_public_key(pem.encode())
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise SettingsError(f"HERALD_JWT_PUBLIC_KEY is not a PEM public key: {exc}") from exc
+        raise SettingsError(f"{setting} is not a PEM public key: {exc}") from exc
 
 
-def _algorithms_for(key: Any) -> tuple[str, ...]:
+def _algorithms_for(key: Any, setting: str) -> tuple[str, ...]:
     if isinstance(key, rsa.RSAPublicKey):
         return _RSA_ALGORITHMS
     if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _EC_ALGORITHMS:
         return (_EC_ALGORITHMS[key.curve.name],)
-    raise SettingsError("HERALD_JWT_PUBLIC_KEY must be an RSA key or an EC key on P-256, P-384 or P-521")
+    raise SettingsError(f"{setting} must be an RSA key or an EC key on P-256, P-384 or P-521")
 
 
 def _authorization(scope: Scope) -> str | None:

@@ -576,3 +576,11 @@ async def test_concurrent_updates_of_a_resource_lose_none(broker: Broker) -> Non
     stored = await broker.get_resource(path)
     assert stored is not None
     assert sorted(stored["names"]) == names
+
+
+async def test_hit_adds_a_batch_to_the_counter_and_the_counter_ends_with_its_window(broker: Broker) -> None:
+    assert await broker.hit("publish:test", 1) == 1
+    assert await broker.hit("publish:test", 1, 50) == 51  # a published batch counts its events
+    assert await broker.hit("other", 1, 3) == 3
+    await asyncio.sleep(1.1)
+    assert await broker.hit("publish:test", 1, 2) == 2
