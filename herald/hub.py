@@ -23,6 +23,10 @@ When the broker lost live frames of a topic beyond what its history still holds 
 connection down for longer than the history lasts), it tells the hub, and every local
 subscriber of that topic gets a :class:`Gap` in its queue ahead of the frames still kept.
 
+A stream opened with a subscribe token ends when the token expires: the transport registers the
+token's ``exp`` with :meth:`Hub.expire_at`, and one sweeping task (:class:`~herald.expiry.ExpiryWheel`,
+not a timer per connection) closes it with ``token-expired``; the client resumes with a fresh token.
+
 Resume without gaps or repeats: a subscriber joins the live fan-out *before* the history
 is read, holds live frames for that topic while the history is replayed, and then lets
 through only frames with a cursor beyond the last one it already has. The history replayed
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from herald.broker.base import Broker, HistoryPage
+from herald.expiry import ExpiryWheel
 from herald.protocol import Cursor, Frame, format_cursor, parse_cursor
 
 log = logging.getLogger("herald.hub")
@@ -68,6 +73,7 @@ class Subscriber:
         "closed",
         "direct",
         "dropped",
+        "expires_at",
         "heartbeat_due",
         "max_queue",
         "overflowed_at",
@@ -94,6 +100,8 @@ class Subscriber:
         self.dropped = 0  # frames discarded: queue dropped on overflow, or pushed while closing
         self.reason: str | None = None
         self.heartbeat_due = False
+        self.expires_at: int | None = None
+        """The second (Unix time) its earliest token expires, while it waits in the hub's expiry wheel."""
         self.overflowed_at: float | None = None
         self.task: asyncio.Task[object] | None = None
         self.direct: Callable[[Frame], bool] | None = None
@@ -246,6 +254,8 @@ class Hub:
         self._subscribers: set[Subscriber] = set()
         self._ready: dict[str, asyncio.Future[None]] = {}
         self._timer: asyncio.Task[None] | None = None
+        self._expiry = ExpiryWheel()
+        self._sweeper: asyncio.Task[None] | None = None
         self.frames_dispatched = 0
         self.frames_dropped = 0
         self.slow_disconnects = 0
@@ -269,15 +279,20 @@ class Hub:
         return len(self._topics)
 
     async def start(self) -> None:
-        """Start the single heartbeat timer."""
+        """Start the single heartbeat timer and the single token-expiry sweep."""
         if self._timer is None:
             self._timer = asyncio.create_task(self._tick(), name="hub-heartbeat")
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep(), name="hub-token-expiry")
 
     async def close(self) -> None:
-        """Stop the timer and tell every subscriber to go."""
+        """Stop the timers and tell every subscriber to go."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for sub in list(self._subscribers):
             sub.close("shutdown")
 
@@ -367,11 +382,17 @@ class Hub:
             except Exception:  # the broker re-syncs subscriptions on reconnect
                 log.warning("unsubscribe from %s failed", topic, exc_info=True)
 
+    def expire_at(self, sub: Subscriber, expires_at: int) -> None:
+        """Close ``sub`` with ``token-expired`` at ``expires_at`` (a token's ``exp``; 0: never), unless sooner."""
+        if sub in self._subscribers:  # not one that has already left: it would wait in the wheel for nothing
+            self._expiry.add(sub, expires_at)
+
     async def leave(self, sub: Subscriber) -> None:
         """Detach ``sub`` from every topic it follows."""
         for topic in list(sub.positions):
             await self.detach(sub, topic)
         self._subscribers.discard(sub)
+        self._expiry.discard(sub)
         self.frames_dropped += sub.dropped
         sub.dropped = 0
         if sub.reason == "slow-consumer":
@@ -423,3 +444,11 @@ class Hub:
                         sub.task.cancel()
                 elif not sub.closed:
                     sub.beat()
+
+    async def _sweep(self) -> None:
+        # One task for every connection's token: wake just past each whole second (a token's exp is
+        # whole seconds) and close what expired. An empty wheel costs one wake-up a second.
+        while True:
+            await asyncio.sleep(1.001 - time.time() % 1.0)
+            for sub in self._expiry.expire(time.time()):
+                sub.close("token-expired")

@@ -115,6 +115,7 @@ def ws_message(kind: str, **fields: Any) -> str:
 
 # WebSocket close codes (4000-4999 are the application's). Codes below say whether and how to come back.
 WS_CLOSE_SHUTDOWN = 4001  # this process is going away: reconnect (elsewhere) with your cursors
+WS_CLOSE_TOKEN_EXPIRED = 4003  # a token that opened a subscription expired: get a fresh one, resume with your cursors
 WS_CLOSE_SLOW = 4008  # you fell too far behind: reconnect with your cursors, nothing is lost
 WS_CLOSE_UNAUTHORIZED = 4401  # no valid token: get a new one before reconnecting
 WS_CLOSE_POLICY = 1008  # a message broke the protocol or a limit: fix the client

@@ -36,6 +36,7 @@ from herald.protocol import (
     WS_CLOSE_POLICY,
     WS_CLOSE_SHUTDOWN,
     WS_CLOSE_SLOW,
+    WS_CLOSE_TOKEN_EXPIRED,
     WS_CLOSE_TOO_BIG,
     WS_CLOSE_UNAUTHORIZED,
     WS_CLOSE_UNSUPPORTED,
@@ -56,7 +57,11 @@ log = logging.getLogger("herald.push")
 RECONNECT_REASONS = {
     "slow-consumer": "fell behind; reconnect with your cursor and nothing is lost",
     "shutdown": "this gateway process is stopping; reconnect (to another) with your cursor",
+    "token-expired": "the subscribe token expired; fetch fresh URLs and reconnect with the cursor",
 }
+_RECONNECT_CODES = {"slow-consumer": WS_CLOSE_SLOW, "shutdown": WS_CLOSE_SHUTDOWN,
+                    "token-expired": WS_CLOSE_TOKEN_EXPIRED}
+"""The WebSocket close code of each of the :data:`RECONNECT_REASONS`."""
 GAP_DETAIL = "events after your cursor are no longer kept; some were missed"
 
 
@@ -118,13 +123,16 @@ async def _check_owners(gateway: Gateway, conn: HTTPConnection, topics: list[str
 class EventStream(Response):
     """An SSE response that follows topics through the hub until the client leaves."""
 
-    def __init__(self, gateway: Gateway, topics: list[str], cursors: list[str | None], *, end_on_terminal: bool):
+    def __init__(self, gateway: Gateway, topics: list[str], cursors: list[str | None], *, end_on_terminal: bool,
+                 expires_at: int = 0):
         # no Response.__init__: a stream has no body or fixed headers to prepare, and lives as long as its client
         self.background = None
         self.gateway = gateway
         self.topics = topics
         self.cursors = cursors
         self.end_on_terminal = end_on_terminal
+        self.expires_at = expires_at
+        """When the token that opened the stream expires, ending it (Unix seconds; 0: opened without one)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Follow the topics, then stream until the client, the hub or a terminal event ends it."""
@@ -150,6 +158,7 @@ class EventStream(Response):
             # resumes from here instead of starting live again and missing what came meanwhile.
             start = format_vector_cursor(positions) if vector else positions[0]
             preamble.append(b"id: " + (start or "0-0").encode() + b"\n\n")
+        hub.expire_at(sub, self.expires_at)
         sub.task = asyncio.current_task()
         # Herald's uvicorn protocol only (herald/http/fastwrite.py), reached through no middleware that
         # stands in for the connection; anything else is plain ASGI: frames through send, a watch task
@@ -382,7 +391,7 @@ async def operation_events(request: Request) -> Response:
             # Resumed after the terminal event: nothing more will ever come. 204 is what tells an
             # EventSource to stop reconnecting; a 200 would hold it open, idle, forever.
             return Response(status_code=204)
-    return EventStream(gateway, [topic], cursors, end_on_terminal=True)
+    return EventStream(gateway, [topic], cursors, end_on_terminal=True, expires_at=grant.expires_at)
 
 
 async def topic_events(request: Request) -> Response:
@@ -394,7 +403,8 @@ async def topic_events(request: Request) -> Response:
     _check_capacity(gateway)
     await _check_owners(gateway, request, topics, grant)
     single_operation = len(topics) == 1 and topics[0].startswith("operations/")
-    return EventStream(gateway, topics, _cursors_for(request, topics), end_on_terminal=single_operation)
+    return EventStream(gateway, topics, _cursors_for(request, topics), end_on_terminal=single_operation,
+                       expires_at=grant.expires_at)
 
 
 # WebSocket -----------------------------------------------------------------------------
@@ -428,8 +438,8 @@ class SocketSession:
             for task in self._commands or ():
                 task.cancel()
             await self.gateway.hub.leave(self.sub)
-        if self.sub.reason in ("slow-consumer", "shutdown"):
-            self.close_code = WS_CLOSE_SLOW if self.sub.reason == "slow-consumer" else WS_CLOSE_SHUTDOWN
+        if self.sub.reason in _RECONNECT_CODES:
+            self.close_code = _RECONNECT_CODES[self.sub.reason]
             self.close_reason = RECONNECT_REASONS[self.sub.reason]
         if self.sub.reason != "client-gone":
             try:
@@ -540,6 +550,9 @@ class SocketSession:
         except BrokerError:
             self.sub.control(ws_message("error", code="broker-unavailable", topic=topic, id=ref,
                                         detail="the broker is unreachable; subscribe again shortly"))
+        else:
+            # the socket holds one slot, its earliest token's: when that expires, the whole socket closes 4003
+            gateway.hub.expire_at(self.sub, grant.expires_at)
 
     async def _command(self, ref: Any, command: dict[str, Any]) -> None:
         gateway = self.gateway

@@ -57,9 +57,13 @@ const LIVE = { sse: "live-sse", ws: "live-ws", poll: "polling" };
 const STATUS_PREFIX = "herald.operation.";
 const TERMINAL_STATUSES = new Set(["succeeded", "failed", "canceled"]);
 const OPERATION_TYPES = ["running", "progress", "succeeded", "failed", "canceled"].map((s) => STATUS_PREFIX + s);
-// WebSocket close codes that mean "come back at once with your cursor" (app/protocol.py).
-const WS_RECONNECT_NOW = new Set([4001, 4008]);
+// WebSocket close codes that mean "come back at once with your cursor" (herald/protocol.py).
+const WS_RECONNECT_NOW = new Set([4001, 4003, 4008]);
 const WS_UNAUTHORIZED = 4401;
+// The token that opened the stream expired (SSE `herald.disconnect` reason, WebSocket close code):
+// come back at once with your cursor and the fresh URLs `refresh` gets.
+const TOKEN_EXPIRED = "token-expired";
+const WS_TOKEN_EXPIRED = 4003;
 
 /** A value that can be read now and watched for changes. */
 export class Observable {
@@ -252,7 +256,7 @@ export class Herald {
       websocketUrl: op.websocket_url,
       types: [...OPERATION_TYPES, ...(options.types || [])],
       endOnTerminal: true,
-      refresh: op.subscribe_url ? refresh : undefined,
+      refresh, // also for URLs from the operation's body: their token expires, and the status view has fresh ones
       resolve: op.subscribe_url ? undefined : refresh,
       poll: options.poll || operationPoller(this, statusUrl),
       counted: false,
@@ -321,7 +325,8 @@ export class Herald {
  * @property {string[]} [types] event types to receive over SSE (EventSource delivers only named
  *   types it listens for); WebSocket and polling deliver every type anyway
  * @property {(signal: AbortSignal) => Promise<{url?: string, websocketUrl?: string}>} [refresh]
- *   fetch fresh subscribe URLs (a new token) before reconnecting; it also tells "the server
+ *   fetch fresh subscribe URLs (a new token) before reconnecting, as when Herald ended the stream
+ *   because its token expired (without it, that ends the stream); it also tells "the server
  *   answers" from "the server is gone" when deciding to fall back
  * @property {(ctx: {cursor: string|null, signal: AbortSignal}) => Promise<PollResult>} [poll]
  *   the polling transport: fetch what changed
@@ -493,6 +498,10 @@ export class Stream {
       const outcome = await this.#session(transport);
       if (this.ended) return;
       if (outcome.finished) return this.#end(null);
+      if (outcome.reason === TOKEN_EXPIRED && !this.options.refresh) {
+        // the same URLs would only be refused: without a way to fresh ones the stream cannot go on
+        return this.#end(new Error(`the subscribe token of ${this.topic} expired and no refresh gets a fresh one`));
+      }
       if (outcome.opened) failures = 0;
       this.state.set(navigator.onLine === false ? "offline" : this.worked.size ? "reconnecting" : "connecting");
       if (!(outcome.immediate && failures === 0)) {
@@ -619,7 +628,7 @@ export class Stream {
       source.addEventListener("herald.disconnect", (message) => {
         const info = parseJSON(message.data);
         if (info.cursor && !info.cursor.includes(",")) this.cursor = info.cursor;
-        attempt.finish({ reason: "disconnect", immediate: info.reconnect !== false });
+        attempt.finish({ reason: info.reason === TOKEN_EXPIRED ? TOKEN_EXPIRED : "disconnect", immediate: info.reconnect !== false });
       });
     });
   }
@@ -672,7 +681,7 @@ export class Stream {
         }
       };
       socket.onclose = (event) => attempt.finish({
-        reason: `closed ${event.code}`,
+        reason: event.code === WS_TOKEN_EXPIRED ? TOKEN_EXPIRED : `closed ${event.code}`,
         immediate: WS_RECONNECT_NOW.has(event.code) || event.code === WS_UNAUTHORIZED,
       });
     });
