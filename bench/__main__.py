@@ -36,7 +36,7 @@ def _commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=servers.ROOT, capture_output=True,
                              text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "app", "bench"], cwd=servers.ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "herald", "app", "bench"], cwd=servers.ROOT,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

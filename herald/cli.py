@@ -477,6 +477,10 @@ def _add_url(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``herald`` command; its exit status."""
     args = build_parser().parse_args(argv)
+    # targets are found from the current directory, as `python -m …` and uvicorn find them: an
+    # installed `herald` script otherwise puts only its own directory on the path
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         status: int = args.run(args)
     except KeyboardInterrupt:

@@ -250,7 +250,10 @@ class Catalog:
                 if event_type in handlers:
                     raise DomainError(f"{event_type} has handlers in two domains")
                 handlers[event_type] = handler
-            events.update(domain.events)
+            for event_type, declared in domain.events.items():
+                if event_type in events:
+                    raise DomainError(f"event type {event_type} is declared by two domains")
+                events[event_type] = declared
         return cls(domains, tuple(c for d in domains for c in d.commands), handlers,
                    tuple(t for d in domains for t in d.topics), events)
 

@@ -63,7 +63,7 @@ class Settings:
     redis_url: str | None = _env("REDIS_URL", None)
     """``REDIS_URL``; unset means the embedded memory broker."""
     embedded_worker: bool = _env("HERALD_EMBEDDED_WORKER", True)
-    """``HERALD_EMBEDDED_WORKER``: run the chat worker inside the gateway (default on the memory broker)."""
+    """``HERALD_EMBEDDED_WORKER``: run the domains' handlers inside the gateway (default on the memory broker)."""
 
     # Identity
     secret: str = _env("HERALD_SECRET", None, factory=lambda: secrets.token_urlsafe(32))
@@ -77,7 +77,7 @@ class Settings:
     history_ttl: int = _env("HERALD_HISTORY_TTL", 86400, minimum=1)
     """``HERALD_HISTORY_TTL`` seconds a domain topic's history is kept after its last event."""
     heartbeat: float = _env("HERALD_HEARTBEAT", 15.0, minimum=0.05)
-    """``HERALD_HEARTBEAT`` seconds between SSE comment heartbeats and WebSocket idle pings."""
+    """``HERALD_HEARTBEAT`` seconds between SSE comment heartbeats (WebSocket keep-alive is the server's own ping)."""
     retry_ms: int = _env("HERALD_RETRY_MS", 2000, minimum=0)
     """``HERALD_RETRY_MS``: the SSE ``retry:`` reconnection delay sent to clients."""
     max_wait: float = _env("HERALD_MAX_WAIT", 30.0, minimum=0.0)

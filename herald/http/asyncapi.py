@@ -81,6 +81,8 @@ def build_asyncapi(catalog: Catalog) -> dict[str, Any]:
     messages: dict[str, Any] = {}
     status_ids = []
     for status in Status:
+        if status is Status.PENDING:
+            continue  # an operation starts pending; only moves are published
         event_type = STATUS_EVENT_PREFIX + status.value
         status_ids.append(_message_id(event_type))
         messages[status_ids[-1]] = _message(event_type, f"The operation is now {status.value}", _STATUS_DATA)
