@@ -205,6 +205,8 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "HERALD_SECRET": SECRET,
         "HERALD_LOG_LEVEL": "warning",
         "HERALD_MAX_CONNECTIONS": str(args.connections + 500),
+        # the poster is one address: --rate may exceed the anonymous default of 20 commands per second
+        "HERALD_RATE_LIMIT": "0",
         # rooms' histories fill within the warm-up, so a full history is part of the baseline
         "HERALD_HISTORY_SIZE": str(args.history),
         # operations of the memory broker expire within the run (the sweep runs every 30 s)

@@ -168,6 +168,7 @@ def create_app(
     metrics = Metrics(hub, broker)
     broker.set_sink(metrics.sink(hub.dispatch))
     metrics.count_from("header-timeout", lambda: HttpToolsProtocol.header_timeouts)
+    metrics.count_from("history-evicted", lambda: broker.evicted)
     gateway = Gateway(settings=settings, broker=broker, hub=hub,
                       signer=TokenSigner(settings.secret, ttl=settings.token_ttl), metrics=metrics)
     router = CommandRouter()

@@ -22,6 +22,8 @@ bug, is closed with ``error``; its client resumes from its cursor).
 When the broker lost live frames of a topic beyond what its history still holds (a fan-out
 connection down for longer than the history lasts), it tells the hub, and every local
 subscriber of that topic gets a :class:`Gap` in its queue ahead of the frames still kept.
+When the history itself was lost (it has a new epoch), their positions in it are forgotten, so
+every frame of the new history passes.
 
 A stream opened with a subscribe token ends when the token expires: the transport registers the
 token's ``exp`` with :meth:`Hub.expire_at`, and one sweeping task (:class:`~herald.expiry.ExpiryWheel`,
@@ -150,12 +152,18 @@ class Subscriber:
             log.error("a %s connection's direct write raised; it uses its queue from now on", self.transport,
                       exc_info=True, extra={"event": "hub.direct_failed"})
 
-    def gap(self, topic: str, oldest: str | None) -> None:
-        """Queue a :class:`Gap` notice for ``topic`` (outside the queue bound, like a control message)."""
+    def gap(self, topic: str, oldest: str | None, *, epoch: str | None = None, reset: bool = False) -> None:
+        """Queue a :class:`Gap` notice for ``topic`` (outside the queue bound, like a control message).
+
+        ``epoch`` is the epoch of the position the loss is measured from; with ``reset`` the history
+        itself was lost, so the position is forgotten and the frames of the new history all pass.
+        """
         if self.closed or (self._held is not None and topic in self._held):
             return  # a topic being replayed: the subscriber's own history read reports any truncation
         last = self.positions.get(topic)
-        self.queue.append(Gap(topic, format_cursor(last) if last is not None else None, oldest))
+        self.queue.append(Gap(topic, format_cursor(last, epoch) if last is not None else None, oldest))
+        if reset:
+            self.positions[topic] = None
         self._wake()
 
     def control(self, message: str) -> None:
@@ -301,10 +309,10 @@ class Hub:
         for sub in list(self._subscribers):
             sub.close(reason)
 
-    def gap(self, topic: str, oldest: str | None) -> None:
+    def gap(self, topic: str, oldest: str | None, *, epoch: str | None = None, reset: bool = False) -> None:
         """Tell every local subscriber of ``topic`` that live events were lost beyond its history."""
         for sub in _members(self._topics.get(topic)):
-            sub.gap(topic, oldest)
+            sub.gap(topic, oldest, epoch=epoch, reset=reset)
 
     def dispatch(self, frame: Frame) -> None:
         """Hand a live frame to every local subscriber of its topic."""
@@ -409,7 +417,8 @@ class Hub:
     ) -> HistoryPage | None:
         """Attach ``sub`` to ``topic`` and queue what it missed.
 
-        With a cursor: everything after it. Without: from the oldest kept event when
+        With a cursor: everything after it (the whole history kept, when the cursor is of another
+        epoch: ``page.reset``). Without: from the oldest kept event when
         ``from_start`` (an operation's stream), else only what is published from now on.
         ``announce(start_cursor, page)`` runs just before the missed frames are queued, so a
         transport can put its own reply ahead of them. Returns the history page read (so
@@ -426,6 +435,8 @@ class Hub:
                     sub.positions[topic] = parse_cursor(start)
             else:
                 page = await self.broker.read(topic, cursor)
+                if page.reset:
+                    sub.positions[topic] = None  # another history: the cursor's position means nothing in it
         except BaseException:
             await self.detach(sub, topic)
             raise

@@ -4,10 +4,20 @@ Bytes in, bytes out. A :class:`Frame` is one event of one topic, framed once for
 SSE and once for WebSocket and then written as-is to every connection that follows
 the topic.
 
-Cursors are ``"<milliseconds>-<sequence>"`` strings (the shape of a Redis Stream id,
-which the memory broker also produces), totally ordered per topic. A connection that
-follows several topics over SSE uses a *vector cursor*: the topics' cursors joined by
-``,`` in the order the topics were requested; an empty slot means "nothing seen yet".
+Cursors are ``"<milliseconds>-<sequence>.<epoch>"`` strings, e.g. ``"1712345678901-0.k3x9qa"``:
+the position is the shape of a Redis Stream id (which the memory broker also produces),
+totally ordered within one history of a topic; the *epoch* (1-8 characters of ``0-9a-z``)
+names that history. A topic's history gets a new epoch whenever it starts again from nothing
+(a Redis flush, a failover to an empty replica, eviction or expiry, a memory broker that
+restarted), so a cursor of another epoch, or of a history that is gone, can be told apart from
+one that is merely up to date: it is answered with a gap from the start of the current history,
+never with silence (:func:`history_lost`). A plain ``"<milliseconds>-<sequence>"`` cursor (as
+Herald handed out before epochs, and ``"0-0"``, "before the first event") is still accepted and
+is read without the epoch check.
+
+A connection that follows several topics over SSE uses a *vector cursor*: the topics'
+cursors joined by ``,`` in the order the topics were requested; an empty slot means "nothing
+seen yet". Neither ``,`` nor a line break can occur in a cursor, so it is a valid SSE ``id:``.
 """
 
 from __future__ import annotations
@@ -21,9 +31,11 @@ import orjson
 from herald.events import Event
 
 Cursor = tuple[int, int]
+"""A cursor's position, ``(milliseconds, sequence)``: ordered within one epoch of a topic's history."""
 
 # ASCII digits only ("\d" would take other scripts' digits), matched in full (so no trailing newline).
-_CURSOR_RE = re.compile(r"([0-9]{1,16})-([0-9]{1,16})")
+_CURSOR_RE = re.compile(r"([0-9]{1,16})-([0-9]{1,16})(?:\.([0-9a-z]{1,8}))?")
+_EPOCH_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 # Segments "." and ".." are refused: a URL holding them is rewritten by clients and proxies (path traversal).
 TOPIC_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.:@]{0,127}(/(?!\.\.?(?:/|\Z))[A-Za-z0-9_\-.:@]{1,128}){0,3}")
 MAX_TOPIC_LENGTH = 200
@@ -33,17 +45,50 @@ class ProtocolError(ValueError):
     """A client sent a cursor, topic or frame that Herald cannot use; the message says why."""
 
 
-def parse_cursor(raw: str) -> Cursor:
-    """``"123-4"`` → ``(123, 4)``; raises :class:`ProtocolError` for anything else."""
+def split_cursor(raw: str) -> tuple[Cursor, str | None]:
+    """``"123-4.k3x9"`` → ``((123, 4), "k3x9")``, ``"123-4"`` → ``((123, 4), None)``; :class:`ProtocolError` else."""
     match = _CURSOR_RE.fullmatch(raw)
     if match is None:
-        raise ProtocolError(f"cursor {raw[:40]!r} is not of the form <number>-<number>")
-    return int(match.group(1)), int(match.group(2))
+        raise ProtocolError(f"cursor {raw[:40]!r} is not of the form <number>-<number>[.<epoch>]")
+    return (int(match.group(1)), int(match.group(2))), match.group(3)
 
 
-def format_cursor(cursor: Cursor) -> str:
-    """``(123, 4)`` → ``"123-4"``."""
-    return f"{cursor[0]}-{cursor[1]}"
+def parse_cursor(raw: str) -> Cursor:
+    """``"123-4.k3x9"`` or ``"123-4"`` → ``(123, 4)``, the position alone; raises :class:`ProtocolError` else."""
+    return split_cursor(raw)[0]
+
+
+def format_cursor(cursor: Cursor, epoch: str | None = None) -> str:
+    """``(123, 4), "k3x9"`` → ``"123-4.k3x9"``; without an epoch, ``"123-4"``."""
+    if epoch is None:
+        return f"{cursor[0]}-{cursor[1]}"
+    return f"{cursor[0]}-{cursor[1]}.{epoch}"
+
+
+def join_cursor(position: str, epoch: str | None) -> str:
+    """A stored position (a Redis Stream id) and its history's epoch: ``"123-4"``, ``"k3x9"`` → ``"123-4.k3x9"``."""
+    return position if epoch is None else f"{position}.{epoch}"
+
+
+def format_epoch(number: int) -> str:
+    """A non-negative number as an epoch, in base 36 (``2176782335`` → ``"zzzzzz"``); 8 characters at most."""
+    if not 0 <= number < 36**8:
+        raise ValueError("an epoch is a number from 0 to 36**8 - 1")
+    out = ""
+    while True:
+        number, digit = divmod(number, 36)
+        out = _EPOCH_DIGITS[digit] + out
+        if number == 0:
+            return out
+
+
+def history_lost(epoch: str | None, current: str | None) -> bool:
+    """Whether a cursor of ``epoch`` points into a history other than the topic's ``current`` one.
+
+    ``current`` is ``None`` when the topic has no history now (never written, or lost). A plain
+    cursor (no epoch) is never taken for lost: it is read as before epochs existed.
+    """
+    return epoch is not None and epoch != current
 
 
 def validate_topic(topic: str) -> str:
@@ -186,12 +231,12 @@ def parse_client_frame(raw: str | bytes) -> ClientFrame:
 class Frame:
     """One event on one topic at one cursor, framed lazily once per transport and then shared."""
 
-    __slots__ = ("_sse", "_sse_tail", "_ws", "cursor", "encoded", "key", "terminal", "topic", "type")
+    __slots__ = ("_sse", "_sse_tail", "_ws", "cursor", "encoded", "epoch", "key", "terminal", "topic", "type")
 
     def __init__(self, topic: str, cursor: str, type: str, encoded: bytes, *, terminal: bool = False) -> None:
         self.topic = topic
         self.cursor = cursor
-        self.key = parse_cursor(cursor)
+        self.key, self.epoch = split_cursor(cursor)
         self.type = type
         self.encoded = encoded
         self.terminal = terminal

@@ -17,6 +17,8 @@ class SettingsError(ValueError):
     """An environment variable holds a value Herald cannot use."""
 
 
+ANONYMOUS_RATE_LIMIT = 20
+"""Commands per client per second when ``HERALD_RATE_LIMIT`` is unset and there is no bearer authentication."""
 MIN_SECRET = 32
 """Bytes in ``HERALD_SECRET`` and ``HERALD_JWT_SECRET`` at the least: an HMAC key shorter than its hash is guessable."""
 _TRUE = ("1", "true", "yes", "on")
@@ -33,6 +35,8 @@ def _env(name: str, default: Any, *, minimum: float | None = None, factory: Call
 
 def _parse(name: str, raw: str, kind: Any, minimum: float | None) -> Any:
     """``raw`` as the field's type; :class:`SettingsError` naming the variable otherwise."""
+    if isinstance(kind, str):
+        kind = kind.removesuffix(" | None")  # set means a value of the type; unset is the field's None
     if kind in ("bool", bool):
         lowered = raw.strip().lower()
         if lowered in _TRUE:
@@ -94,6 +98,14 @@ class Settings:
     # Limits
     history_size: int = _env("HERALD_HISTORY_SIZE", 1000, minimum=1)
     """``HERALD_HISTORY_SIZE``: events kept per topic for resume."""
+    memory_max_events: int = _env("HERALD_MEMORY_MAX_EVENTS", 100_000, minimum=1)
+    """``HERALD_MEMORY_MAX_EVENTS``: events the memory broker keeps in all topic histories (oldest evicted first)."""
+    memory_max_bytes: int = _env("HERALD_MEMORY_MAX_BYTES", 64 * 1024 * 1024, minimum=1024)
+    """``HERALD_MEMORY_MAX_BYTES``: bytes of encoded events the memory broker keeps in all topic histories."""
+    memory_max_operations: int = _env("HERALD_MEMORY_MAX_OPERATIONS", 100_000, minimum=1)
+    """``HERALD_MEMORY_MAX_OPERATIONS``: operations the memory broker keeps (ended ones forgotten first)."""
+    memory_max_resources: int = _env("HERALD_MEMORY_MAX_RESOURCES", 100_000, minimum=1)
+    """``HERALD_MEMORY_MAX_RESOURCES``: resource documents the memory broker keeps (least recently written go)."""
     queue_size: int = _env("HERALD_QUEUE_SIZE", 1000, minimum=1)
     """``HERALD_QUEUE_SIZE``: events buffered per connection before it is cut off as slow."""
     max_body: int = _env("HERALD_MAX_BODY", 65536, minimum=64)
@@ -106,8 +118,8 @@ class Settings:
     """``HERALD_MAX_WS_MESSAGE`` bytes in one WebSocket message from a client."""
     max_connections: int = _env("HERALD_MAX_CONNECTIONS", 20000, minimum=1)
     """``HERALD_MAX_CONNECTIONS``: SSE + WebSocket connections per process (503 beyond)."""
-    rate_limit: int = _env("HERALD_RATE_LIMIT", 0, minimum=0)
-    """``HERALD_RATE_LIMIT``: commands per client per second (0 = unlimited)."""
+    rate_limit: int | None = _env("HERALD_RATE_LIMIT", None, minimum=0)
+    """``HERALD_RATE_LIMIT``: commands per client per second (0 = unlimited); unset: see :attr:`command_rate_limit`."""
     max_json_depth: int = _env("HERALD_MAX_JSON_DEPTH", 32, minimum=2)
     """``HERALD_MAX_JSON_DEPTH``: nesting levels allowed in a JSON body (422 beyond)."""
     max_json_string: int = _env("HERALD_MAX_JSON_STRING", 16384, minimum=16)
@@ -154,14 +166,26 @@ class Settings:
         """Whether commands need a bearer token."""
         return bool(self.jwt_secret or self.jwt_public_key)
 
+    @property
+    def command_rate_limit(self) -> int:
+        """Commands per client per second (0 = unlimited): ``HERALD_RATE_LIMIT`` when set, else
+        :data:`ANONYMOUS_RATE_LIMIT` in anonymous mode and unlimited with bearer authentication."""
+        if self.rate_limit is not None:
+            return self.rate_limit
+        return 0 if self.auth_enabled else ANONYMOUS_RATE_LIMIT
+
     def broker_options(self) -> dict[str, float]:
-        """The keyword options ``create_broker`` takes, from these settings."""
-        return {
+        """The keyword options ``create_broker`` takes, from these settings (the memory broker's bounds too)."""
+        options = {
             "history_size": self.history_size,
             "operation_ttl": self.operation_ttl,
             "history_ttl": self.history_ttl,
             "visibility_timeout": self.visibility_timeout,
         }
+        if not self.redis_url or self.redis_url.startswith("memory://"):
+            options.update(max_events=self.memory_max_events, max_bytes=self.memory_max_bytes,
+                           max_operations=self.memory_max_operations, max_resources=self.memory_max_resources)
+        return options
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

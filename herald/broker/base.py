@@ -10,6 +10,8 @@ A broker has three jobs, and every implementation does all three the same way:
   topics this process listens to (one broker-level subscription per topic per process;
   the hub multiplexes local connections on top). When the fan-out lost more of a topic
   than its history still holds, the gap sink is told (see :meth:`Broker.set_gap_sink`).
+  Each history has an epoch, made when it starts from nothing and carried in its cursors
+  (:mod:`herald.protocol`), so a history that was lost is told from one that is up to date.
 * **Operations** are records changed only by transition-checked, atomic updates; every
   change appends a ``herald.operation.<status>`` event to the operation's topic in the
   same atomic step, so a watcher can never see a state without its event.
@@ -29,7 +31,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from herald.events import Event
 from herald.operations import Operation, Status
@@ -70,12 +72,16 @@ class HistoryPage:
     """Events read from a topic after a cursor.
 
     ``truncated`` is true when the cursor is older than the oldest event still kept,
-    so events may have been dropped between the two: the client must be told.
+    so events may have been dropped between the two: the client must be told. ``reset`` is
+    true when the cursor named another epoch of the topic's history, or one that is gone
+    (:func:`herald.protocol.history_lost`): its position means nothing in the history kept now,
+    so ``events`` start at the oldest kept (``truncated`` is true as well).
     """
 
     events: list[StoredEvent]
     truncated: bool
     oldest: str | None
+    reset: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +104,12 @@ class Accepted:
 FrameSink = Callable[[Frame], None]
 """Where a broker hands live frames of the topics this process listens to (the hub)."""
 
-GapSink = Callable[[str, str | None], None]
-"""Told ``(topic, oldest kept cursor)`` when live frames of a topic were lost beyond its history (the hub)."""
+class GapSink(Protocol):
+    """Who is told when live frames of a topic were lost beyond its history (the hub)."""
+
+    def __call__(self, topic: str, oldest: str | None, *, epoch: str | None = None, reset: bool = False) -> None:
+        """``oldest``: the oldest cursor still kept; ``epoch``: the epoch of the positions the loss is measured
+        from; ``reset``: the history itself was lost (those positions mean nothing in the one kept now)."""
 
 
 class Broker(ABC):
@@ -116,6 +126,8 @@ class Broker(ABC):
         """Calls that failed because the backing store was unreachable (implementations count them)."""
         self.reconnects = 0
         """Times the live fan-out connection was re-opened after a loss (implementations count them)."""
+        self.evicted = 0
+        """Topic events dropped to keep the broker within its memory bound (MemoryBroker; Redis has its own)."""
 
     def set_sink(self, sink: FrameSink) -> None:
         """Register the single receiver of live frames (the process's hub)."""
@@ -129,10 +141,10 @@ class Broker(ABC):
         if self._sink is not None:
             self._sink(frame)
 
-    def _gap(self, topic: str, oldest: str | None) -> None:
+    def _gap(self, topic: str, oldest: str | None, *, epoch: str | None = None, reset: bool = False) -> None:
         # Called before the frames still kept are handed over, so a client hears of the gap first.
         if self._gap_sink is not None:
-            self._gap_sink(topic, oldest)
+            self._gap_sink(topic, oldest, epoch=epoch, reset=reset)
 
     # Lifecycle -------------------------------------------------------------------------
     @abstractmethod
@@ -238,7 +250,11 @@ class Broker(ABC):
 
     @abstractmethod
     async def read(self, topic: str, after: str | None, *, limit: int = 1000) -> HistoryPage:
-        """Events after ``after`` (``None``: from the oldest kept), oldest first."""
+        """Events after ``after`` (``None``: from the oldest kept), oldest first.
+
+        A cursor whose epoch is not the topic's current one (or that names an epoch while the topic has no
+        history) gets the history from its oldest kept event, with ``truncated`` and ``reset`` set.
+        """
 
     @abstractmethod
     async def tail(self, topic: str, count: int) -> list[StoredEvent]:

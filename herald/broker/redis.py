@@ -13,6 +13,8 @@ Cluster hash tag, so an operation's hash and its topic's stream share a slot)::
                                                history_size + 1 entries (see below); PEXPIRE on
                                                every append: operation_ttl for operations/*,
                                                history_ttl for the rest
+    herald:epoch:{<topic>}            string   the epoch of the topic's history (see below); the
+                                               same TTL as its stream, renewed with it
     herald:res:{<path>}               string   a resource document (JSON), PX the caller's ttl
     herald:count:{<key>}              string   a rate-limit counter (INCR); EXPIRE its window
 
@@ -21,6 +23,14 @@ order is stream order. The channel is named like the topic's stream key (SPUBLIS
 Cluster hashes it to the same slot) and its payload is ``<cursor>\\n<type>\\n<event JSON>``,
 so a frame is built without decoding the event. Each broker instance holds ONE pub/sub
 connection and subscribes only the topics this process asked for.
+
+Epochs: a topic's cursors are ``<stream id>.<epoch>`` (:mod:`herald.protocol`). The append
+script makes a new epoch when the stream does not exist (first event, or the history was lost:
+FLUSHALL, a failover to an empty replica, eviction, expiry) or its epoch key is gone (evicted
+alone), in the same step as the XADD, so no extra round trip: the microsecond of Redis's ``TIME``,
+modulo 36^6, in base 36 (at most 6 characters). A ``read`` after a cursor of another epoch, or
+of one while the topic has no history, is a gap (``reset``) from the oldest event kept. The epoch
+key shares the stream's hash tag, so both live in one slot on a Cluster.
 
 Truncation is detected exactly with a sentinel: a topic's stream keeps ``history_size + 1``
 entries (exact ``MAXLEN``, never ``~``) and the oldest one, once the stream is full, is not
@@ -111,7 +121,16 @@ from herald.broker.base import (
 from herald.events import Event, EventError, decode_event
 from herald.operations import ALLOWED, IllegalTransition, Operation, Status, operation_topic, status_event, transition
 from herald.operations import request_cancel as cancel_flag
-from herald.protocol import Cursor, Frame, format_cursor, is_terminal_type, parse_cursor
+from herald.protocol import (
+    Cursor,
+    Frame,
+    format_cursor,
+    history_lost,
+    is_terminal_type,
+    join_cursor,
+    parse_cursor,
+    split_cursor,
+)
 
 log = logging.getLogger("herald.broker.redis")
 
@@ -126,16 +145,35 @@ _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadO
                 TryAgainError, OSError)
 _TEXT_FIELDS = frozenset({"id", "type", "status", "created_at", "updated_at"})  # stored as-is, the rest as JSON
 
+# append() returns the event's cursor "<stream id>.<epoch>" (herald.protocol's format) and PUBLISHes it.
+# A new epoch: the microsecond Redis's TIME says, modulo 36^6, in base 36 (doubles hold it exactly).
 _APPEND_LUA = """
-local function append(stream, maxlen, ttl_ms, etype, event)
-  local id = redis.call('XADD', stream, 'MAXLEN', maxlen, '*', 'type', etype, 'event', event)
+local function new_epoch()
+  local t = redis.call('TIME')
+  local n = (tonumber(t[1]) * 1000000 + tonumber(t[2])) % 2176782336
+  local digits, out = '0123456789abcdefghijklmnopqrstuvwxyz', ''
+  repeat
+    local d = n % 36
+    out = string.sub(digits, d + 1, d + 1) .. out
+    n = (n - d) / 36
+  until n == 0
+  return out
+end
+local function append(stream, epoch_key, maxlen, ttl_ms, etype, event)
+  local epoch = redis.call('GETEX', epoch_key, 'PX', ttl_ms)
+  if not epoch or redis.call('EXISTS', stream) == 0 then
+    epoch = new_epoch()
+    redis.call('SET', epoch_key, epoch, 'PX', ttl_ms)
+  end
+  local cursor = redis.call('XADD', stream, 'MAXLEN', maxlen, '*', 'type', etype, 'event', event) .. '.' .. epoch
   redis.call('PEXPIRE', stream, ttl_ms)
-  redis.call('PUBLISH', stream, id .. '\\n' .. etype .. '\\n' .. event)
-  return id
+  redis.call('PUBLISH', stream, cursor .. '\\n' .. etype .. '\\n' .. event)
+  return cursor
 end
 """
 
-_PUBLISH_LUA = _APPEND_LUA + "return append(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
+# KEYS: topic stream, its epoch key. ARGV: maxlen, ttl ms, event type, event JSON.
+_PUBLISH_LUA = _APPEND_LUA + "return append(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])"
 
 # KEYS: op hash, request stream[, idempotency key]. ARGV: ttl ms, request JSON, fingerprint, op id, fields...
 _ACCEPT_LUA = """
@@ -162,17 +200,18 @@ _ALLOWED_LUA = "local allowed = {" + ", ".join(
     f"{src.value} = {{{', '.join(f'{dst.value} = true' for dst in sorted(dsts))}}}" for src, dsts in ALLOWED.items()
 ) + "}\n"
 
-# KEYS: op hash, op topic stream, n event topic streams[, request stream]. ARGV: expected version, wanted
-# status ('' = flag change only), maxlen, ttl ms, status event type ('' = no event), status event JSON,
-# n, request entry id to ack ('' = none), group, n x (ttl ms, event type, event JSON), fields...
+# KEYS: op hash, op topic stream, its epoch key, n x (event topic stream, its epoch key)[, request stream].
+# ARGV: expected version, wanted status ('' = flag change only), maxlen, ttl ms, status event type
+# ('' = no event), status event JSON, n, request entry id to ack ('' = none), group,
+# n x (ttl ms, event type, event JSON), fields...
 # An applied move publishes the n events, then stores the operation and appends its status event;
 # a missing operation or an illegal move publishes nothing; all but 'stale' ack the request entry.
 _UPDATE_LUA = _APPEND_LUA + _ALLOWED_LUA + """
 local n = tonumber(ARGV[7])
 local function settle()
   if ARGV[8] ~= '' then
-    redis.call('XACK', KEYS[3 + n], ARGV[9], ARGV[8])
-    redis.call('XDEL', KEYS[3 + n], ARGV[8])
+    redis.call('XACK', KEYS[4 + 2 * n], ARGV[9], ARGV[8])
+    redis.call('XDEL', KEYS[4 + 2 * n], ARGV[8])
   end
 end
 local cur = redis.call('HMGET', KEYS[1], 'version', 'status')
@@ -186,10 +225,10 @@ end
 settle()  -- first: an entry id Redis refuses fails the script before it has written anything
 for i = 1, n do
   local a = 7 + 3 * i
-  append(KEYS[2 + i], ARGV[3], ARGV[a], ARGV[a + 1], ARGV[a + 2])
+  append(KEYS[2 + 2 * i], KEYS[3 + 2 * i], ARGV[3], ARGV[a], ARGV[a + 1], ARGV[a + 2])
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 10 + 3 * n))
-if ARGV[5] ~= '' then append(KEYS[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]) end
+if ARGV[5] ~= '' then append(KEYS[2], KEYS[3], ARGV[3], ARGV[4], ARGV[5], ARGV[6]) end
 return {'ok'}
 """
 
@@ -230,6 +269,11 @@ return lost
 
 def _key(kind: str, name: str) -> str:
     return f"herald:{kind}:{{{name}}}"
+
+
+def _topic_keys(topic: str) -> tuple[str, str]:
+    """A topic's stream and its epoch key: what the append script touches for it."""
+    return _key("topic", topic), _key("epoch", topic)
 
 
 def _op_key(operation_id: str) -> str:
@@ -329,8 +373,10 @@ class RedisBroker(Broker):
         self._wanted: set[str] = set()
         self._confirmed: set[str] = set()
         self._waiters: dict[str, asyncio.Future[None]] = {}
-        self._delivered: dict[str, Cursor] = {}
-        self._floor: dict[str, Cursor] = {}  # the head when subscribed: where a gap fill starts if nothing came
+        # positions (and their epochs): the last one handed over, and the head when subscribed, where a gap
+        # fill starts if nothing came
+        self._delivered: dict[str, tuple[Cursor, str | None]] = {}
+        self._floor: dict[str, tuple[Cursor, str | None]] = {}
         self._pubsub: AbstractConnection | None = None
         self._pubsub_lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
@@ -566,8 +612,8 @@ class RedisBroker(Broker):
         events: Sequence[tuple[str, Event]] = (),
         ack: Delivery | None = None,
     ) -> Operation:
-        keys = [_op_key(operation_id), _key("topic", operation_topic(operation_id)),
-                *(_key("topic", topic) for topic, _ in events)]
+        keys = [_op_key(operation_id), *_topic_keys(operation_topic(operation_id)),
+                *(key for topic, _ in events for key in _topic_keys(topic))]
         extra: list[Any] = [len(events), "", ""]
         if ack is not None:
             type_, entry_id = ack.delivery_id.rsplit("|", 1)
@@ -606,7 +652,7 @@ class RedisBroker(Broker):
         """Append to the topic's capped stream and PUBLISH it, atomically; return its cursor."""
         with _reachable(self):
             cursor = await self._publish_script(
-                keys=[_key("topic", topic)],
+                keys=list(_topic_keys(topic)),
                 args=[self.history_size + 1, _ms(self._ttl(topic)), event.type, event.encoded],
             )
         return _text(cursor)
@@ -644,39 +690,55 @@ class RedisBroker(Broker):
         load it when it is missing. The benchmark's publisher sends exactly this over its own
         connection, so what it writes is what Herald's workers write.
         """
-        return ("EVALSHA", self._publish_script.sha, 1, _key("topic", topic), self.history_size + 1,
+        return ("EVALSHA", self._publish_script.sha, 2, *_topic_keys(topic), self.history_size + 1,
                 _ms(self._ttl(topic)), event_type, encoded)
 
     async def read(self, topic: str, after: str | None, *, limit: int = 1000) -> HistoryPage:
-        """Kept events after a cursor; ``truncated`` when the sentinel (newest dropped) is newer."""
-        key = _key("topic", topic)
-        after_key = parse_cursor(after) if after is not None else None
+        """Kept events after a cursor; ``truncated`` when the sentinel (newest dropped) is newer.
+
+        A cursor of another epoch (``reset``) costs a second round trip, to read from the oldest kept.
+        """
+        key, epoch_key = _topic_keys(topic)
+        after_key, after_epoch = split_cursor(after) if after is not None else (None, None)
         start = "(" + format_cursor(after_key) if after_key is not None else "-"
         with _reachable(self):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.xlen(key)
                 pipe.xrange(key, "-", "+", count=2)
                 pipe.xrange(key, start, "+", count=limit + 1)
-                length, oldest_two, entries = await pipe.execute()
+                pipe.get(epoch_key)
+                length, oldest_two, entries, raw_epoch = await pipe.execute()
+        epoch = _text(raw_epoch) if raw_epoch is not None and length else None
+        reset = history_lost(after_epoch, epoch)
+        if reset:
+            after_key = None
+            if length and start != "-":
+                with _reachable(self):
+                    entries = await self._redis.xrange(key, "-", "+", count=limit + 1)
         sentinel = oldest_two[0][0] if length > self.history_size else None
         kept = oldest_two[1:] if sentinel is not None else oldest_two
-        events = [self._stored(topic, e) for e in entries if e[0] != sentinel][:limit]
-        truncated = sentinel is not None and (after_key is None or after_key < parse_cursor(_text(sentinel)))
-        return HistoryPage(events=events, truncated=truncated, oldest=_text(kept[0][0]) if kept else None)
+        events = [self._stored(topic, e, epoch) for e in entries if e[0] != sentinel][:limit]
+        truncated = reset or (
+            sentinel is not None and (after_key is None or after_key < parse_cursor(_text(sentinel))))
+        oldest = join_cursor(_text(kept[0][0]), epoch) if kept else None
+        return HistoryPage(events=events, truncated=truncated, oldest=oldest, reset=reset)
 
     @staticmethod
-    def _stored(topic: str, entry: Any) -> StoredEvent:
-        return StoredEvent(topic, _text(entry[0]), decode_event(entry[1][b"event"]))
+    def _stored(topic: str, entry: Any, epoch: str | None) -> StoredEvent:
+        return StoredEvent(topic, join_cursor(_text(entry[0]), epoch), decode_event(entry[1][b"event"]))
 
     async def tail(self, topic: str, count: int) -> list[StoredEvent]:
         """The newest ``count`` events, oldest first (never the sentinel: it is older than history_size)."""
         if count <= 0:
             return []
+        key, epoch_key = _topic_keys(topic)
         with _reachable(self):
-            entries: Any = await self._redis.xrevrange(
-                _key("topic", topic), "+", "-", count=min(count, self.history_size)
-            )
-        return [self._stored(topic, e) for e in reversed(entries)]
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xrevrange(key, "+", "-", count=min(count, self.history_size))
+                pipe.get(epoch_key)
+                entries, raw_epoch = await pipe.execute()
+        epoch = _text(raw_epoch) if raw_epoch is not None else None
+        return [self._stored(topic, e, epoch) for e in reversed(entries)]
 
     async def head(self, topic: str) -> str | None:
         """The newest cursor of a topic, or ``None``.
@@ -687,14 +749,21 @@ class RedisBroker(Broker):
         so a burst of clients on followed topics costs Redis nothing here.
         """
         if topic in self._confirmed and (topic in self._floor or topic in self._delivered):
-            known = max(self._delivered.get(topic, (0, 0)), self._floor.get(topic, (0, 0)))
-            return format_cursor(known) if known != (0, 0) else None
+            delivered, floor = self._delivered.get(topic), self._floor.get(topic)
+            # the floor is newer only within the same history (a frame published before the head was read)
+            known = max(delivered, floor) if delivered and floor and delivered[1] == floor[1] else delivered or floor
+            assert known is not None
+            return format_cursor(*known) if known[0] != (0, 0) else None
         return await self._read_head(topic)
 
     async def _read_head(self, topic: str) -> str | None:
+        key, epoch_key = _topic_keys(topic)
         with _reachable(self):
-            newest: Any = await self._redis.xrevrange(_key("topic", topic), "+", "-", count=1)
-        return _text(newest[0][0]) if newest else None
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xrevrange(key, "+", "-", count=1)
+                pipe.get(epoch_key)
+                newest, raw_epoch = await pipe.execute()
+        return join_cursor(_text(newest[0][0]), _text(raw_epoch) if raw_epoch else None) if newest else None
 
     async def subscribe(self, topic: str) -> None:
         """SUBSCRIBE on the shared connection and wait until Redis confirms it."""
@@ -715,7 +784,7 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"could not subscribe to {topic}") from exc
         if topic not in self._delivered:
             # an empty topic's floor is 0-0: what it gets while the connection is down is all new
-            self._floor[topic] = parse_cursor(head) if head is not None else (0, 0)
+            self._floor[topic] = split_cursor(head) if head is not None else ((0, 0), None)
 
     async def unsubscribe(self, topic: str) -> None:
         """Forget the topic at once; UNSUBSCRIBE if connected (a reconnect leaves it out anyway)."""
@@ -789,10 +858,15 @@ class RedisBroker(Broker):
             start = self._delivered.get(topic) or self._floor.get(topic)
             if start is None or topic not in self._wanted:
                 continue
-            page = await self.read(topic, format_cursor(start), limit=self.history_size + 1)
-            if page.truncated:
+            page = await self.read(topic, format_cursor(*start), limit=self.history_size + 1)
+            if page.reset:
+                log.warning("the history of %s was lost during the outage (it has a new epoch)", topic)
+                self._gap(topic, page.oldest, epoch=start[1], reset=True)
+                self._delivered.pop(topic, None)
+                self._floor[topic] = ((0, 0), None)  # what comes next is all new: before its first event
+            elif page.truncated:
                 log.warning("events of %s were dropped from the history during the outage", topic)
-                self._gap(topic, page.oldest)
+                self._gap(topic, page.oldest, epoch=start[1])
             for stored in page.events:
                 self._hand(Frame.from_event(topic, stored.cursor, stored.event))
         for reply in early:
@@ -855,9 +929,9 @@ class RedisBroker(Broker):
         if frame.topic not in self._wanted:
             return
         last = self._delivered.get(frame.topic)
-        if last is not None and frame.key <= last:
+        if last is not None and frame.key <= last[0] and frame.epoch == last[1]:
             return  # already handed over (gap fill and live overlap after a reconnect)
-        self._delivered[frame.topic] = frame.key
+        self._delivered[frame.topic] = (frame.key, frame.epoch)
         try:
             self._deliver(frame)
         except Exception:  # a failing sink must not stop the fan-out of every other topic

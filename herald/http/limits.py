@@ -3,7 +3,9 @@
 * :func:`check_json_shape` — after a body is parsed: nesting deeper than
   ``HERALD_MAX_JSON_DEPTH`` or a string (value or key) longer than ``HERALD_MAX_JSON_STRING``
   characters is ``422``. One pass over the parsed document, no recursion.
-* :func:`enforce_rate_limit` — ``HERALD_RATE_LIMIT`` commands per client per second, counted in
+* :func:`enforce_rate_limit` — ``HERALD_RATE_LIMIT`` commands per client per second (unset: 20 in
+  anonymous mode, so one client cannot fill the broker by default; unlimited with bearer auth;
+  ``0`` turns it off), counted in
   a fixed one-second window by the broker (:meth:`~herald.broker.base.Broker.hit`), so every
   gateway process sharing a Redis counts against the same budget. The client is the bearer
   subject when there is one, else the remote address (behind a proxy, run uvicorn with
@@ -68,7 +70,7 @@ def client_of(conn: HTTPConnection, subject: str | None) -> str:
 async def enforce_rate_limit(conn: HTTPConnection, subject: str | None) -> None:
     """Count one command for this client; a ``429`` problem with ``Retry-After`` once over budget."""
     gateway = Gateway.of(conn)
-    limit = gateway.settings.rate_limit
+    limit = gateway.settings.command_rate_limit
     if limit <= 0:
         return
     now = time.time()

@@ -207,9 +207,15 @@ class EventStream(Response):
                 # filled, so a resume replays what it got meanwhile instead of starting live.
                 positions[i] = start if start is not None else "0-0"
             if page is not None and page.truncated:
+                mark = None
+                if page.reset:
+                    # The cursor's history was lost: the stream now stands before the first event kept, and
+                    # says so (the gap's id), so a resume from here does not report the same loss again.
+                    positions[i] = "0-0"
+                    mark = format_vector_cursor(positions) if len(positions) > 1 else "0-0"
                 preamble.append(sse_control("herald.gap", {
                     "topic": topic, "cursor": self.cursors[i], "oldest": page.oldest, "detail": GAP_DETAIL,
-                }))
+                }, mark))
 
         return announce
 
@@ -540,7 +546,9 @@ class SocketSession:
             return
 
         def announce(start: str | None, page: HistoryPage | None) -> None:
-            self.sub.control(ws_message("subscribed", topic=topic, cursor=start or "0-0", id=ref))
+            # after a lost history (page.reset) the subscription starts before the first event kept
+            begins = "0-0" if page is not None and page.reset else start or "0-0"
+            self.sub.control(ws_message("subscribed", topic=topic, cursor=begins, id=ref))
             if page is not None and page.truncated:
                 self.sub.control(ws_message("gap", topic=topic, cursor=cursor, oldest=page.oldest, detail=GAP_DETAIL))
 

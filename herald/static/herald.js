@@ -789,11 +789,14 @@ export function parseRetryAfter(value) {
   return Number.isNaN(at) ? null : Math.max(0, (at - Date.now()) / 1000);
 }
 
-/** Order two `"<ms>-<seq>"` cursors (-1, 0, 1); cursors of another shape compare as newer. */
+/**
+ * Order two `"<ms>-<seq>.<epoch>"` cursors (-1, 0, 1). A cursor of another epoch (the topic's history
+ * started again) or of another shape compares as newer; one without an epoch is ordered by position.
+ */
 export function compareCursors(a, b) {
-  const pa = /^(\d+)-(\d+)$/.exec(a);
-  const pb = /^(\d+)-(\d+)$/.exec(b);
-  if (!pa || !pb) return 1;
+  const pa = /^(\d+)-(\d+)(?:\.([0-9a-z]+))?$/.exec(a);
+  const pb = /^(\d+)-(\d+)(?:\.([0-9a-z]+))?$/.exec(b);
+  if (!pa || !pb || (pa[3] && pb[3] && pa[3] !== pb[3])) return 1;
   return Math.sign(Number(pa[1]) - Number(pb[1])) || Math.sign(Number(pa[2]) - Number(pb[2]));
 }
 

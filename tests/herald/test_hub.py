@@ -11,7 +11,7 @@ import pytest
 
 from herald.broker.memory import MemoryBroker
 from herald.events import build_event
-from herald.hub import HEARTBEAT, Hub, Subscriber
+from herald.hub import HEARTBEAT, Gap, Hub, Subscriber
 from herald.protocol import Frame
 
 
@@ -229,6 +229,35 @@ async def test_follow_reports_truncated_history(broker: MemoryBroker) -> None:
     assert page is not None and page.truncated
     assert page.oldest == sent[3]
     assert cursors(await drain(sub)) == sent[3:]
+
+
+async def test_follow_from_a_cursor_of_a_lost_history_replays_the_new_one_whole_even_from_older_positions(
+    broker: MemoryBroker,
+) -> None:
+    hub = Hub(broker, heartbeat=60)
+    sent = await publish(broker, "chats/a", 2)
+    epoch = sent[0].rsplit(".", 1)[1]
+    ahead = f"99999999999999-0.{'x' if epoch != 'x' else 'y'}"  # another history, at a later position
+    sub = Subscriber(max_queue=100)
+    page = await hub.follow(sub, "chats/a", ahead, from_start=False)
+    assert page is not None and (page.truncated, page.reset, page.oldest) == (True, True, sent[0])
+    live = await publish(broker, "chats/a", 1)
+    assert cursors(await drain(sub)) == sent + live
+
+
+async def test_a_gap_that_lost_the_history_names_the_old_cursor_and_lets_the_new_history_through() -> None:
+    sub = Subscriber(max_queue=10)
+    sub.push(Frame("a", "500-0.old", "T", b"{}"))
+    await drain(sub)
+    sub.gap("a", "400-0.new", epoch="old", reset=True)
+    sub.push(Frame("a", "400-0.new", "T", b"{}"))  # older than the position it had: a new history
+    batch = await drain(sub)
+    assert batch[0] == Gap("a", "500-0.old", "400-0.new")
+    assert cursors(batch) == ["400-0.new"]
+    sub.gap("a", "450-0.new", epoch="new")  # a gap within one history keeps the position
+    sub.push(Frame("a", "400-0.new", "T", b"{}"))
+    batch = await drain(sub)
+    assert batch == [Gap("a", "400-0.new", "450-0.new")]
 
 
 async def test_one_live_frame_reaches_every_subscriber_of_its_topic_only(broker: MemoryBroker) -> None:

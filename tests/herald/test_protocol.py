@@ -13,11 +13,15 @@ from herald.protocol import (
     Frame,
     ProtocolError,
     format_cursor,
+    format_epoch,
     format_vector_cursor,
+    history_lost,
     is_terminal_type,
+    join_cursor,
     parse_client_frame,
     parse_cursor,
     parse_vector_cursor,
+    split_cursor,
     sse_control,
     sse_frame,
     sse_retry,
@@ -63,6 +67,14 @@ def test_frame_sse_tail_and_ws_exact_bytes() -> None:
     assert frame.ws == '{"type":"event","topic":"chats/lobby","cursor":"1700000000000-2","event":{"id":"e1"}}'
     assert frame.key == (1700000000000, 2)
     assert not frame.terminal
+
+
+def test_a_frame_carries_its_cursor_with_the_epoch_in_both_transports() -> None:
+    frame = Frame("chats/lobby", "1700000000000-2.k3x9qa", "T", b"{}")
+    assert frame.sse == b"id: 1700000000000-2.k3x9qa\nevent: T\ndata: {}\n\n"
+    assert frame.ws == '{"type":"event","topic":"chats/lobby","cursor":"1700000000000-2.k3x9qa","event":{}}'
+    assert (frame.key, frame.epoch) == ((1700000000000, 2), "k3x9qa")
+    assert Frame("t", "1-0", "T", b"{}").epoch is None
 
 
 def test_frame_is_framed_once_and_shared() -> None:
@@ -135,11 +147,63 @@ def test_cursors_order_by_number_not_by_text() -> None:
     assert parse_cursor("10-2") < parse_cursor("10-10")
 
 
+@pytest.mark.parametrize(
+    ("raw", "position", "epoch"),
+    [
+        ("1712345678901-0.k3x9qa", (1712345678901, 0), "k3x9qa"),
+        ("5-2.0", (5, 2), "0"),
+        ("0-0.zzzzzzzz", (0, 0), "zzzzzzzz"),
+        ("123-4", (123, 4), None),  # a plain cursor, as before epochs
+    ],
+)
+def test_a_cursor_is_a_position_and_the_epoch_of_its_history(
+    raw: str, position: tuple[int, int], epoch: str | None
+) -> None:
+    assert split_cursor(raw) == (position, epoch)
+    assert parse_cursor(raw) == position
+    assert format_cursor(position, epoch) == raw
+    assert join_cursor(format_cursor(position), epoch) == raw
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["1-0.", "1-0.K3X9", "1-0.abcdefghi", "1-0.a,b", "1-0.a b", "1-0..a", "1-0.a.b", "1-0.a\n", "1-0.a-b",
+     "1-0.\uff41", ".a", "a.1-0", "1-0:a"],
+)
+def test_an_epoch_is_one_to_eight_lowercase_letters_or_digits(raw: str) -> None:
+    with pytest.raises(ProtocolError, match="is not of the form"):
+        split_cursor(raw)
+
+
+@pytest.mark.parametrize(
+    ("number", "epoch"), [(0, "0"), (35, "z"), (36, "10"), (2176782335, "zzzzzz"), (36**8 - 1, "zzzzzzzz")]
+)
+def test_format_epoch_is_base_36(number: int, epoch: str) -> None:
+    assert format_epoch(number) == epoch
+    assert split_cursor(f"1-0.{epoch}")[1] == epoch
+
+
+@pytest.mark.parametrize("number", [-1, 36**8])
+def test_format_epoch_refuses_what_does_not_fit(number: int) -> None:
+    with pytest.raises(ValueError):
+        format_epoch(number)
+
+
+def test_a_cursor_of_another_epoch_or_of_a_history_that_is_gone_is_lost_and_a_plain_one_never() -> None:
+    assert not history_lost("k3x9", "k3x9")
+    assert history_lost("k3x9", "a1b2")
+    assert history_lost("k3x9", None)  # the topic has no history now
+    assert not history_lost(None, "a1b2")
+    assert not history_lost(None, None)
+
+
 def test_vector_cursor_round_trip_with_empty_slots() -> None:
     assert parse_vector_cursor("1-0,,3-4", 3) == ["1-0", None, "3-4"]
     assert format_vector_cursor(["1-0", None, "3-4"]) == "1-0,,3-4"
     assert parse_vector_cursor(",", 2) == [None, None]
     assert parse_vector_cursor("5-5", 1) == ["5-5"]
+    assert parse_vector_cursor("1-0.k3x9,,3-4.a1", 3) == ["1-0.k3x9", None, "3-4.a1"]
+    assert format_vector_cursor(["1-0.k3x9", None, "3-4"]) == "1-0.k3x9,,3-4"
 
 
 @pytest.mark.parametrize(
@@ -206,6 +270,8 @@ def test_invalid_topics(topic: str) -> None:
 def test_parse_subscribe_with_cursor_token_and_id() -> None:
     frame = parse_client_frame('{"type":"subscribe","topic":"chats/a","cursor":"5-1","token":"tok","id":"r1"}')
     assert frame == ClientFrame(type="subscribe", topic="chats/a", cursor="5-1", token="tok", id="r1")
+    frame = parse_client_frame('{"type":"subscribe","topic":"chats/a","cursor":"5-1.k3x9"}')
+    assert frame.cursor == "5-1.k3x9"
 
 
 def test_parse_unsubscribe_ping_and_bytes_input() -> None:

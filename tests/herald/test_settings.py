@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import pytest
 
-from herald.settings import Settings, SettingsError
+from herald.settings import ANONYMOUS_RATE_LIMIT, Settings, SettingsError
 
 
 def test_defaults_are_the_embedded_gateway() -> None:
@@ -130,3 +130,26 @@ def test_unusable_values_are_refused_with_the_variable_named(name: str, raw: str
     with pytest.raises(SettingsError) as caught:
         Settings.from_env({name: raw})
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, ANONYMOUS_RATE_LIMIT),  # anonymous mode: one client may not fill the broker by default
+        ({"HERALD_RATE_LIMIT": ""}, ANONYMOUS_RATE_LIMIT),
+        ({"HERALD_RATE_LIMIT": "0"}, 0),  # an explicit 0 still turns it off
+        ({"HERALD_RATE_LIMIT": "5"}, 5),
+        ({"HERALD_JWT_SECRET": "j" * 32}, 0),  # bearer auth: each client is a subject someone issued
+        ({"HERALD_JWT_SECRET": "j" * 32, "HERALD_RATE_LIMIT": "7"}, 7),
+    ],
+)
+def test_the_command_rate_limit_defaults_on_in_anonymous_mode_only(env: dict[str, str], expected: int) -> None:
+    assert Settings.from_env(env).command_rate_limit == expected
+
+
+def test_the_memory_broker_bounds_reach_only_the_memory_broker() -> None:
+    memory = Settings.from_env({"HERALD_MEMORY_MAX_EVENTS": "50", "HERALD_MEMORY_MAX_OPERATIONS": "7"})
+    assert memory.broker_options() | {"max_events": 50, "max_operations": 7} == memory.broker_options()
+    assert memory.broker_options()["max_bytes"] == 64 * 1024 * 1024
+    redis = Settings.from_env({"REDIS_URL": "redis://127.0.0.1:6379/0", "HERALD_SECRET": "k" * 32})
+    assert not {"max_events", "max_bytes", "max_operations", "max_resources"} & redis.broker_options().keys()

@@ -49,7 +49,11 @@ class HeraldServer:
         self.port = port or free_port()
         self.target = tuple(target)
         """What ``herald serve`` serves: ``--app module:attr`` or ``--domain module:attr`` (repeatable)."""
-        self.env = {"HERALD_SECRET": TEST_SECRET, "HERALD_LOG_LEVEL": "info", **(env or {})}
+        # HERALD_RATE_LIMIT=0: a test's requests all come from one address, faster than any client would
+        # send them; the anonymous default limit has its own test (tests/herald/hardening/test_defaults.py),
+        # and a test gets the default back with HERALD_RATE_LIMIT="" (empty means the default).
+        self.env = {"HERALD_SECRET": TEST_SECRET, "HERALD_LOG_LEVEL": "info", "HERALD_RATE_LIMIT": "0",
+                    **(env or {})}
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.process: subprocess.Popen[bytes] | None = None

@@ -122,6 +122,27 @@ def test_follow_iterates_an_operation_to_its_end(herald: HeraldServer, chat: Ope
         assert out["types"] == ["herald.operation.running", "ChatMessageDelivered", "herald.operation.succeeded"]
 
 
+COMPARE_SCRIPT = """
+async (cases) => {
+  const { compareCursors } = await import("/herald.js");
+  return cases.map(([a, b]) => compareCursors(a, b));
+}
+"""
+
+
+def test_a_cursor_of_a_new_history_is_newer_whatever_its_position(herald: HeraldServer, chat: OpenChat) -> None:
+    # herald.js drops an event whose cursor is not newer than the last one it delivered: after a lost
+    # history (a new epoch) every event of the new one must pass, even at an older position
+    cases = [
+        ("2-0.k3x9", "1-0.k3x9", 1), ("1-0.k3x9", "2-0.k3x9", -1), ("1-0.k3x9", "1-0.k3x9", 0),
+        ("1-0.a1", "9-0.k3x9", 1),  # another epoch
+        ("5-0.k3x9", "0-0", 1), ("5-0", "5-0.k3x9", 0),  # a plain cursor is ordered by position
+        ("10-0", "9-0", 1),
+    ]
+    page = chat(herald, "", "cmp", join=False).page
+    assert page.evaluate(COMPARE_SCRIPT, [[a, b] for a, b, _ in cases]) == [want for _, _, want in cases]
+
+
 def fake_message(room: str) -> dict[str, Any]:
     """A message event as the gateway would have pushed it before cutting the stream."""
     return {

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from herald.broker import create_broker
-from herald.broker.base import Broker, Delivery, IdempotencyConflict, OperationNotFound
+from herald.broker.base import Broker, Delivery, HistoryPage, IdempotencyConflict, OperationNotFound
 from herald.operations import IllegalTransition, Operation, Status, operation_topic
-from herald.protocol import Frame, parse_cursor
+from herald.protocol import Frame, format_cursor, parse_cursor, split_cursor
 from tests.herald.broker.helpers import REQUEST, command, event, eventually
 
 VISIBILITY = 0.3
@@ -457,6 +457,59 @@ async def test_truncation_is_reported_exactly(broker: Broker) -> None:
     page = await broker.read("chats/c", kept[0])
     assert ([s.cursor for s in page.events], page.truncated) == (kept[1:], False)
     assert [s.cursor for s in await broker.tail("chats/c", 10)] == kept
+
+
+async def test_every_cursor_of_a_history_names_its_epoch_and_a_history_made_again_gets_another(
+    make_broker: MakeBroker,
+) -> None:
+    broker = await make_broker(history_ttl=0.3)
+    first = [await broker.publish("chats/e", event(n)) for n in range(2)]
+    epochs = {split_cursor(c)[1] for c in first}
+    assert len(epochs) == 1 and None not in epochs
+    assert {split_cursor(s.cursor)[1] for s in (await broker.read("chats/e", None)).events} == epochs
+    assert split_cursor(await broker.head("chats/e") or "")[1] in epochs
+    await asyncio.sleep(0.5)  # the history expires: the next event starts another one
+    again = await broker.publish("chats/e", event(2))
+    assert split_cursor(again)[1] not in epochs
+
+
+async def test_a_cursor_of_a_lost_history_reads_as_a_gap_from_the_start_of_the_new_one(
+    make_broker: MakeBroker,
+) -> None:
+    broker = await make_broker(history_ttl=0.3)
+    old = [await broker.publish("chats/lost", event(n)) for n in range(3)]
+    await asyncio.sleep(0.5)
+    gone = await broker.read("chats/lost", old[-1])  # no history at all now, while the cursor names one
+    assert (gone.events, gone.truncated, gone.reset, gone.oldest) == ([], True, True, None)
+    new = [await broker.publish("chats/lost", event(n)) for n in range(3, 5)]
+    for cursor in (old[0], old[-1]):
+        page = await broker.read("chats/lost", cursor)
+        assert ([s.cursor for s in page.events], page.truncated, page.reset, page.oldest) == (new, True, True, new[0])
+    # a cursor of the current history reads as always
+    page = await broker.read("chats/lost", new[0])
+    assert ([s.cursor for s in page.events], page.truncated, page.reset) == (new[1:], False, False)
+
+
+async def test_a_cursor_naming_an_epoch_the_topic_never_had_reads_as_a_gap(broker: Broker) -> None:
+    cursors = [await broker.publish("chats/forged", event(n)) for n in range(2)]
+    position, epoch = split_cursor(cursors[0])
+    other = format_cursor(position, "zzzzzzzz" if epoch != "zzzzzzzz" else "0")
+    page = await broker.read("chats/forged", other)
+    assert ([s.cursor for s in page.events], page.truncated, page.reset) == (cursors, True, True)
+    assert (await broker.read("chats/never", other)).reset
+
+
+async def test_a_plain_cursor_without_an_epoch_reads_as_before_epochs(make_broker: MakeBroker) -> None:
+    broker = await make_broker(history_ttl=0.3)
+    cursors = [await broker.publish("chats/plain", event(n)) for n in range(3)]
+    plain = [format_cursor(parse_cursor(c)) for c in cursors]
+    page = await broker.read("chats/plain", plain[0])
+    assert ([s.cursor for s in page.events], page.truncated, page.reset) == (cursors[1:], False, False)
+    await asyncio.sleep(0.5)
+    assert await broker.read("chats/plain", plain[-1]) == HistoryPage(events=[], truncated=False, oldest=None)
+    new = await broker.publish("chats/plain", event(3))
+    page = await broker.read("chats/plain", plain[-1])  # no epoch, no check: what is after it, as before
+    assert ([s.cursor for s in page.events], page.truncated, page.reset) == ([new], False, False)
 
 
 async def test_subscribed_frames_reach_the_sink_in_order_until_unsubscribed(broker: Broker) -> None:

@@ -14,7 +14,7 @@ import pytest
 from herald.broker.base import BrokerUnavailable
 from herald.broker.redis import RedisBroker
 from herald.operations import Status, new_operation_id, operation_topic
-from herald.protocol import Frame
+from herald.protocol import Frame, split_cursor
 from tests.herald.broker.helpers import REQUEST, command, event, eventually
 from tests.support.redis_server import RedisServer
 
@@ -83,14 +83,18 @@ async def test_every_key_but_the_request_queue_has_a_ttl(
         f"herald:op:{{operations/{op.id}}}",
         "herald:idem:{owner:k}",
         f"herald:topic:{{operations/{op.id}}}",
+        f"herald:epoch:{{operations/{op.id}}}",
         "herald:topic:{chats/ttl}",
+        "herald:epoch:{chats/ttl}",
         "herald:res:{/chats/ttl/messages/m1}",
         f"herald:req:{{{REQUEST}}}",
     }
     assert 590 < ttls[f"herald:op:{{operations/{op.id}}}"] <= 600
     assert 590 < ttls["herald:idem:{owner:k}"] <= 600
     assert 590 < ttls[f"herald:topic:{{operations/{op.id}}}"] <= 600
+    assert 590 < ttls[f"herald:epoch:{{operations/{op.id}}}"] <= 600
     assert 290 < ttls["herald:topic:{chats/ttl}"] <= 300
+    assert 290 < ttls["herald:epoch:{chats/ttl}"] <= 300
     assert 110 < ttls["herald:res:{/chats/ttl/messages/m1}"] <= 120
     assert ttls[f"herald:req:{{{REQUEST}}}"] == -1  # work waits for a worker however long it takes
 
@@ -154,6 +158,70 @@ async def test_subscriber_gets_what_was_published_while_it_was_cut_off_then_live
     assert [f.cursor for f in frames] == cursors
     history = await publisher.read("chats/outage", None, limit=len(cursors))
     assert [f.encoded for f in frames] == [s.event.encoded for s in history.events]
+
+
+async def test_a_redis_that_comes_back_empty_is_reported_as_a_lost_history_then_the_new_one_follows(
+    make: Callable[..., RedisBroker]
+) -> None:
+    server = RedisServer()  # no persistence: a crash loses every history, as a failover to an empty replica does
+    server.start()
+    try:
+        listener = make(server.url())
+        frames: list[Frame] = []
+        gaps: list[tuple[str, str | None, str | None, bool]] = []
+        listener.set_sink(frames.append)
+        listener.set_gap_sink(lambda topic, oldest, *, epoch=None, reset=False: gaps.append(
+            (topic, oldest, epoch, reset)))
+        await listener.subscribe("chats/amnesia")
+        publisher = make(server.url())
+        before = [await publisher.publish("chats/amnesia", event(n)) for n in range(2)]
+        await eventually(lambda: len(frames) == 2)
+
+        server.kill()
+        server.start("--requirepass", "s3cret")  # empty, and refusing the listener until we say so
+        during = make(server.url(password="s3cret"))
+        after = [await during.publish("chats/amnesia", event(n)) for n in (2, 3)]
+        with server.client(password="s3cret") as client:
+            client.config_set("requirepass", "")
+        await eventually(lambda: len(frames) == 4, timeout=10)
+    finally:
+        server.cleanup()
+    old_epoch, new_epoch = split_cursor(before[0])[1], split_cursor(after[0])[1]
+    assert old_epoch != new_epoch
+    assert gaps == [("chats/amnesia", after[0], old_epoch, True)]
+    assert [f.cursor for f in frames] == before + after
+
+
+async def test_a_stream_deleted_alone_or_an_epoch_key_evicted_alone_starts_a_new_epoch(
+    redis_server: RedisServer, redis_url: str, make: Callable[..., RedisBroker]
+) -> None:
+    broker = make(redis_url)
+    seen = {split_cursor(await broker.publish("chats/del", event(0)))[1]}
+    for key in ("herald:topic:{chats/del}", "herald:epoch:{chats/del}"):
+        old = await broker.publish("chats/del", event(1))
+        with redis_server.client() as client:
+            client.delete(key)
+        new = await broker.publish("chats/del", event(2))
+        epoch = split_cursor(new)[1]
+        assert epoch not in seen, key
+        seen.add(epoch)
+        page = await broker.read("chats/del", old)
+        assert (page.truncated, page.reset, page.oldest) == (True, True, page.events[0].cursor), key
+        assert page.events[-1].cursor == new
+        assert all(split_cursor(s.cursor)[1] == epoch for s in page.events)
+
+
+async def test_the_epoch_is_made_in_the_publish_script_itself(redis_url: str, make: Callable[..., RedisBroker]) -> None:
+    broker = make(redis_url)
+    command_ = broker.publish_command("chats/one", "T", b"{}")
+    # one EVALSHA on the stream and its epoch key, which share the topic's hash tag (one Cluster slot)
+    assert command_[:5] == ("EVALSHA", broker._publish_script.sha, 2, "herald:topic:{chats/one}",
+                            "herald:epoch:{chats/one}")
+    first = await broker.publish("chats/one", event(0))
+    cursor = (await broker._redis.execute_command(*command_)).decode()
+    epoch = split_cursor(cursor)[1]
+    assert epoch is not None and len(epoch) <= 6 and epoch == split_cursor(first)[1]
+    assert await broker.head("chats/one") == cursor
 
 
 async def test_a_pubsub_connection_that_stops_answering_is_replaced(

@@ -38,7 +38,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from herald.auth import TokenSigner
-from herald.protocol import parse_cursor
+from herald.protocol import join_cursor, parse_cursor
 from tests.support.redis_server import RedisServer
 from tests.support.server import ROOT, TEST_SECRET, HeraldServer
 
@@ -203,12 +203,16 @@ class Received:
 
 
 def stored(client: redis.Redis, topic: str) -> list[Received]:
-    """Every entry of a topic's stream (the history and, once full, its sentinel), oldest first."""
+    """Every entry of a topic's stream (the history and, once full, its sentinel), oldest first.
+
+    Each with the cursor clients get for it: the entry id and the history's epoch.
+    """
     entries: Any = client.xrange(f"herald:topic:{{{topic}}}")
+    epoch: Any = client.get(f"herald:epoch:{{{topic}}}")
     out = []
     for entry_id, fields in entries:
         doc = orjson.loads(fields[b"event"])
-        out.append(Received(topic, entry_id.decode(), doc["type"], doc))
+        out.append(Received(topic, join_cursor(entry_id.decode(), epoch and epoch.decode()), doc["type"], doc))
     return out
 
 

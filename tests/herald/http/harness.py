@@ -28,8 +28,12 @@ from tests.support.server import HERALD_HTTP, TEST_SECRET
 
 
 def make_settings(**overrides: Any) -> Settings:
-    """Settings for a test app: a fixed secret, quiet logs, and ``overrides``."""
-    return Settings(**{"secret": TEST_SECRET, "log_level": "warning", **overrides})
+    """Settings for a test app: a fixed secret, quiet logs, no rate limit, and ``overrides``.
+
+    Every request of an in-process test comes from one address, in bursts no client sends: the
+    anonymous default rate limit (``rate_limit=None``) is tested where it is the subject.
+    """
+    return Settings(**{"secret": TEST_SECRET, "log_level": "warning", "rate_limit": 0, **overrides})
 
 
 def make_app(domains: Iterable[Domain] | None, **overrides: Any) -> Starlette:

@@ -205,6 +205,21 @@ async def test_a_cursor_older_than_the_history_gets_a_gap_event_first(
     assert [b.id for b in kept] == cursors[3:]
 
 
+async def test_a_cursor_of_a_lost_history_gets_a_gap_whose_id_starts_that_topic_over(live: LiveHerald) -> None:
+    token = live.gateway.signer.issue(["chats/v1", "chats/v2"])
+    url = f"/topics/events?topic=chats/v1&topic=chats/v2&token={token}"
+    a = await publish(live, "chats/v1", 2)
+    (b1,) = await publish(live, "chats/v2", 1, start=2)
+    lost = "99999999999999-0.zzzzzzzz"  # of a history chats/v1 no longer has (a memory epoch is <= 6 characters)
+    async with sse_connect(live.client, url, headers={"Last-Event-ID": f"{lost},{b1}"}) as stream:
+        gap, *replayed = await stream.messages(3)
+    assert (gap.event, gap.id) == ("herald.gap", f"0-0,{b1}")  # a resume from here does not report it again
+    assert gap.json() == {"topic": "chats/v1", "cursor": lost, "oldest": a[0],
+                          "detail": "events after your cursor are no longer kept; some were missed"}
+    # the whole new history, though its positions are older than the lost cursor's
+    assert [(b.json()["data"]["n"], b.id) for b in replayed] == [(0, f"{a[0]},{b1}"), (1, f"{a[1]},{b1}")]
+
+
 async def test_a_cursor_within_the_history_gets_no_gap(make_live: Callable[..., Awaitable[LiveHerald]]) -> None:
     live = await make_live(history_size=2)
     cursors = await publish(live, "chats/nogap", 5)

@@ -130,6 +130,17 @@ async def test_a_cursor_older_than_the_history_gets_a_gap_message(
     assert [f["cursor"] for f in kept] == cursors[2:]
 
 
+async def test_a_cursor_of_a_lost_history_is_subscribed_from_the_new_ones_start_after_a_gap(live: LiveHerald) -> None:
+    cursors = await publish(live, "chats/lost", 2)
+    lost = "99999999999999-0.zzzzzzzz"  # of a history chats/lost no longer has
+    async with ws_connect(live) as ws:
+        await send(ws, type="subscribe", topic="chats/lost", cursor=lost, token=token(live, "chats/lost"))
+        subscribed, gap, *frames = [await receive(ws) for _ in range(4)]
+    assert subscribed == {"type": "subscribed", "topic": "chats/lost", "cursor": "0-0", "id": None}
+    assert (gap["type"], gap["cursor"], gap["oldest"]) == ("gap", lost, cursors[0])
+    assert [f["cursor"] for f in frames] == cursors
+
+
 async def test_an_operation_topic_replays_from_its_first_event(live: LiveHerald) -> None:
     posted = (await live.send(headers={"Prefer": "wait=5"})).json()
     async with connect(posted["websocket_url"], open_timeout=5, compression=None, proxy=None) as ws:
