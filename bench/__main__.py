@@ -1,4 +1,4 @@
-"""``python -m bench [--quick | --tiny] [--scenarios A,B,C,D,E] [--targets herald,naive,nchan]``.
+"""``python -m bench [--quick | --tiny] [--scenarios A,B,C,D,E,P] [--targets herald,naive,nchan]``.
 
 Runs each scenario against a freshly started server per target (each with a fresh redis-server
 of its own on a free loopback port), then appends the results to ``bench/results/runs.jsonl`` and
@@ -98,7 +98,7 @@ async def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
     mode.add_argument("--tiny", action="store_true", help="a few dozen connections (the smoke test)")
-    parser.add_argument("--scenarios", default="A,B,C,D,E", help="comma-separated, from A,B,C,D,E")
+    parser.add_argument("--scenarios", default="A,B,C,D,E,P", help="comma-separated, from A,B,C,D,E,P")
     parser.add_argument("--targets", default="herald,naive,nchan", help="comma-separated, from herald,naive,nchan")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where runs.jsonl and the table go")
     args = parser.parse_args(argv)
@@ -121,7 +121,7 @@ async def main(argv: list[str] | None = None) -> int:
 
         for case in cases(selected, sizes, case_dir):
             for kind in kinds:
-                if case.commands and not kind.supports_commands:
+                if (case.commands and not kind.supports_commands) or (case.publishes and not kind.publish_api):
                     continue
                 if time.monotonic() - begun > TIME_LIMIT:
                     results.append(Result(case.scenario, case.variant, kind.name,
@@ -185,7 +185,7 @@ def _write_floor(connections: int) -> dict[str, float] | None:
 def _headline(result: Result) -> str:
     m = result.metrics
     keys = ("connected", "failed", "kib_per_conn", "connect_s", "delivered", "expected", "lost", "p50_ms", "p99_ms",
-            "deliveries_per_s", "max_rate_p99_under_100ms", "p99_ms_at_500")
+            "deliveries_per_s", "max_rate_p99_under_100ms", "p99_ms_at_500", "events_per_s", "cpu_us_per_event")
     return ", ".join(f"{k}={m[k]}" for k in keys if k in m) + f" ({result.seconds}s)"
 
 

@@ -15,7 +15,7 @@ import math
 import os
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -461,15 +461,16 @@ class HTTPPool:
         return self
 
     async def post(self, path: str, body: bytes, *, content_type: str = "application/json",
-                   timeout: float = 10.0) -> tuple[int, bytes]:
-        """POST and return ``(status, body)``."""
+                   headers: Mapping[str, str] | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+        """POST (with ``headers`` besides Host, Content-Type and Content-Length) and return ``(status, body)``."""
         conn = await self._idle.get()
         try:
             if conn.lost:
                 _, conn = await asyncio.get_running_loop().create_connection(_HTTPConn, self.host, self.port)
                 self._all.append(conn)
+            extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
             raw = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
-                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+                   f"{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
             return await asyncio.wait_for(conn.request(raw), timeout)
         except BaseException:
             conn.lost = True

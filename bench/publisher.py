@@ -15,6 +15,10 @@ a batch:
 * ``nchan``: ``POST /pub/{channel}`` per event with the envelope as the body, ``concurrency``
   requests at a time (nchan has no batch publish; it stores the message in Redis).
 
+With ``"via": "http"``, Herald is published to as any backend would: ``POST /topics/{topic}/events``
+with a publisher token (signed with ``publish_key``), a batch as one JSON array (one event alone is
+sent as a single object).
+
 For Redis, the commands are packed by hand and written to one raw connection, and the replies
 parsed with hiredis: through redis-py's pipeline the publisher spent about 50 µs of CPU per event,
 more than the gateway it was loading (the issue asks for a load generator that is not the
@@ -28,6 +32,9 @@ in round ``r``. After each round but the last it prints ``round {json}`` (that r
 ``first_ns``, ``last_ns``, ``published``) and waits for ``go`` again, so the bench can let the
 subscribers drain before the next burst: one 2,000-event burst lasts about 0.1 s, too short
 for one sample to stand for the rate.
+``stream``: ``count`` events as fast as they go, in batches of ``batch`` events to one topic, by
+``concurrency`` workers that each own the topics ``topics[w::concurrency]`` (so each topic's
+events are published, and stored, in order).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import hiredis
+import jwt
 import orjson
 
 from herald.events import Event, build_event
@@ -115,6 +123,8 @@ class RawRedis:
 async def _publisher(spec: dict[str, Any]) -> tuple[Publish, Callable[[], Awaitable[None]]]:
     kind = spec["kind"]
     ticks = Ticks()
+    if kind == "herald" and spec.get("via") == "http":
+        return await _herald_http(spec, ticks)
     if kind in ("herald", "naive"):
         pool = [await RawRedis.connect(spec["redis_url"]) for _ in range(int(spec.get("concurrency", 4)))]
         turn = itertools.cycle(pool)
@@ -155,6 +165,10 @@ async def _publisher(spec: dict[str, Any]) -> tuple[Publish, Callable[[], Awaita
 
         async def publish_nchan(batch: Sequence[tuple[str, int]]) -> None:
             stamp = time.time_ns()
+            if spec["mode"] == "stream":  # one topic: one request after the other, so they are stored in order
+                for topic, seq in batch:
+                    await post(topic, seq, stamp)
+                return
             await asyncio.gather(*(post(topic, seq, stamp) for topic, seq in batch))
 
         async def close_pool() -> None:
@@ -162,6 +176,30 @@ async def _publisher(spec: dict[str, Any]) -> tuple[Publish, Callable[[], Awaita
 
         return publish_nchan, close_pool
     raise ValueError(f"unknown publisher kind {kind!r}")
+
+
+async def _herald_http(spec: dict[str, Any], ticks: Ticks) -> tuple[Publish, Callable[[], Awaitable[None]]]:
+    """Herald's publish API: one ``POST /topics/{topic}/events`` per batch, as any backend would publish."""
+    from bench.loadgen import HTTPPool
+
+    pool = await HTTPPool("127.0.0.1", spec["http_port"], size=int(spec.get("concurrency", 4))).start()
+    token = jwt.encode({"sub": "bench-publisher", "exp": int(time.time()) + 3600,
+                        "herald": {"publish": ["**"]}}, spec["publish_key"], "HS256")
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def publish_http(batch: Sequence[tuple[str, int]]) -> None:
+        stamp = time.time_ns()
+        topic = batch[0][0]
+        events = [ticks.encoded(seq, stamp) for _, seq in batch]
+        body = events[0] if len(events) == 1 else b"[" + b",".join(events) + b"]"
+        status, answer = await pool.post(f"/topics/{topic}/events", body, headers=headers)
+        if status != 200:
+            raise RuntimeError(f"publish answered {status}: {answer[:200]!r}")
+
+    async def close_pool() -> None:
+        pool.close()
+
+    return publish_http, close_pool
 
 
 async def run(spec: dict[str, Any], start: Callable[[], Awaitable[None]],
@@ -198,11 +236,30 @@ async def run(spec: dict[str, Any], start: Callable[[], Awaitable[None]],
 
         await asyncio.gather(*(worker() for _ in range(int(spec.get("concurrency", 4)))))
 
+    async def stream() -> None:
+        size = int(spec.get("batch", 50))
+        count = int(spec["count"])
+        workers = max(1, min(int(spec.get("concurrency", 4)), len(topics)))
+        next_seq = 0
+
+        async def worker(owned: list[str]) -> None:
+            nonlocal next_seq
+            for topic in itertools.cycle(owned):
+                if next_seq >= count or time.monotonic() >= deadline:
+                    return
+                seqs = range(next_seq, min(count, next_seq + size))
+                next_seq = seqs.stop
+                await send([(topic, seq) for seq in seqs])
+
+        await asyncio.gather(*(worker(topics[w::workers]) for w in range(workers)))
+
     await start()
     first = time.time_ns()
     cpu0 = time.process_time()
     try:
-        if spec["mode"] == "rate":
+        if spec["mode"] == "stream":
+            await stream()
+        elif spec["mode"] == "rate":
             rate = float(spec["rate"])
             count = int(spec["count"])
             t0 = time.monotonic()

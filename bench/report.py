@@ -38,6 +38,11 @@ MANY = [("delivered", "delivered", "higher"), ("expected", "expected", "higher")
         ("cpu_us_per_delivery", "server CPU µs / delivery", "lower")]
 E2E = [("max_rate_p99_under_100ms", "highest ops/s with p99 < 100 ms", "higher"),
        ("p50_ms_at_500", "p50 ms at 500 ops/s", "lower"), ("p99_ms_at_500", "p99 ms at 500 ops/s", "lower")]
+PUBLISH = [("events_per_s", "events / s", "higher"), ("requests_per_s", "requests / s", "higher"),
+           ("delivered", "delivered", "higher"), ("expected", "expected", "higher"), ("lost", "lost", "lower"),
+           ("duplicated", "duplicated", "lower"), ("out_of_order", "out of order", "lower"),
+           ("p50_ms", "publish-to-delivery p50 ms", "lower"), ("p99_ms", "publish-to-delivery p99 ms", "lower"),
+           ("cpu_us_per_event", "server CPU µs / event", "lower")]
 
 
 def metrics_of(result: Result) -> list[tuple[str, str, str]]:
@@ -48,6 +53,8 @@ def metrics_of(result: Result) -> list[tuple[str, str, str]]:
         return FANOUT
     if result.scenario == "D":
         return E2E
+    if result.scenario == "P":
+        return PUBLISH
     return MANY
 
 
@@ -198,6 +205,25 @@ def _c_ceiling(rows: list[Result], floor_us: float | None) -> list[str]:
                 f"{_fmt_ratio(ratio(ceiling, naive.metrics['deliveries_per_s']))} naive's measured rate."]
 
 
+PUBLISH_PARTIES = [("cpu_us_per_event", "server"), ("redis_cpu_us_per_event", "Redis"),
+                   ("publisher_cpu_us_per_event", "publisher (bench)"),
+                   ("loadgen_cpu_us_per_event", "subscribers (bench)")]
+
+
+def _p_budget(results: list[Result]) -> list[str]:
+    """Scenario P's CPU per published event, party by party, for every variant and target."""
+    rows = [r for r in results if r.scenario == "P" and not r.error]
+    if not rows:
+        return []
+    lines = ["### P: CPU µs per published event, by party", "",
+             "| party | " + " | ".join(f"{r.target}, {r.metrics.get('events_per_request')} per request" for r in rows)
+             + " |", "|" + " --- |" * (len(rows) + 1)]
+    for key, label in PUBLISH_PARTIES:
+        lines.append(f"| {label} | " + " | ".join(_fmt(r.metrics.get(key)) for r in rows) + " |")
+    lines.append("| events / s | " + " | ".join(_fmt(r.metrics.get("events_per_s")) for r in rows) + " |")
+    return [*lines, ""]
+
+
 def markdown(results: list[Result], meta: dict[str, Any], targets: list[str]) -> str:
     """The table of a run: Herald and each baseline side by side, with Herald's ratios."""
     baselines = [t for t in targets if t != "herald"]
@@ -219,6 +245,7 @@ def markdown(results: list[Result], meta: dict[str, Any], targets: list[str]) ->
             lines.append(f"| {c.scenario} | {c.required} | {c.measured} | {met} |")
         lines.append("")
     lines += _c_budget(results, meta)
+    lines += _p_budget(results)
     lines += ["## Results", ""]
     head = ["scenario", "metric", *targets, *(f"herald/{b}" for b in baselines if "herald" in targets)]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]

@@ -1,4 +1,4 @@
-"""Scenarios A-E of issue 5, each run against one freshly started target.
+"""Scenarios A-E of issue 5 and P of issue 15, each run against one freshly started target.
 
 A. idle capacity: N SSE subscribers on distinct topics: server KiB per connection, seconds to
    connect them all, failures. B. fan-out: subscribers on one topic, events at a fixed rate:
@@ -9,7 +9,9 @@ A. idle capacity: N SSE subscribers on distinct topics: server KiB per connectio
 Latency is arrival - publish on one clock (``time.time_ns``): the publisher stamps each event's
 data, the subscriber stamps the bytes as they arrive. In D the start is the moment the POST was
 scheduled (open loop, so a slow server cannot hide its queueing), the end the arrival of the
-event carrying the operation's correlation id on the room's SSE stream.
+event carrying the operation's correlation id on the room's SSE stream. P. publishing over HTTP:
+events/s through Herald's ``POST /topics/{topic}/events`` (in batches, and one per request) beside
+nchan's ``POST /pub/{channel}``, each topic followed by one SSE subscriber that must get every event.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from bench.loadgen import (
     ws_messages,
     ws_request,
 )
-from bench.servers import HOST, PYTHON, ROOT, Target
+from bench.servers import HOST, PYTHON, ROOT, SECRET, Target
 from bench.targets import TargetKind
 
 MiB = 1024 * 1024
@@ -62,6 +64,10 @@ class Sizes:
     d_step_seconds: float
     e_sizes: tuple[int, ...]
     e_c_subscribers: int
+    p_events: int = 10000  # P: events published in batches of p_batch (nchan: one per request, it has no batch)
+    p_single_events: int = 2000  # P: events published one per request
+    p_batch: int = 50
+    p_topics: int = 4  # one publisher connection per topic, each topic followed by one SSE subscriber
     c_rate: float = 5000.0  # the paced variant of C: the issue's target rate
     c_rounds: int = 5  # C and E-C as fast as it goes: bursts of one event per topic; the median round counts
     connect_deadline: float = 25.0  # A and E: connections not made by then count as failed (keeps the run bounded)
@@ -73,10 +79,11 @@ FULL = Sizes(a_sizes=(1000, 10000), b_subscribers=1000, b_events=200, b_rate=50.
              d_rooms=20, d_rates=(100, 250, 500, 750, 1000), d_step_seconds=2.5,
              e_sizes=(1000, 10000), e_c_subscribers=2000)
 QUICK = Sizes(a_sizes=(200, 1000), b_subscribers=200, b_events=50, b_rate=50.0, c_subscribers=500,
-              d_rooms=10, d_rates=(50, 100, 250), d_step_seconds=1.5, e_sizes=(1000,), e_c_subscribers=500)
+              d_rooms=10, d_rates=(50, 100, 250), d_step_seconds=1.5, e_sizes=(1000,), e_c_subscribers=500,
+              p_events=5000, p_single_events=1000)
 TINY = Sizes(a_sizes=(20,), b_subscribers=20, b_events=20, b_rate=50.0, c_subscribers=20,
              d_rooms=4, d_rates=(20,), d_step_seconds=1.0, e_sizes=(20,), e_c_subscribers=20,
-             settle_seconds=0.2, quiet_seconds=0.3, c_rounds=2)
+             settle_seconds=0.2, quiet_seconds=0.3, c_rounds=2, p_events=200, p_single_events=40)
 
 
 @dataclass
@@ -87,6 +94,7 @@ class Case:
     variant: str
     run: Callable[[TargetKind, Target], Awaitable[dict[str, Any]]]
     commands: bool = False
+    publishes: bool = False  # published to over HTTP: only for targets with a publish API
     notes: list[str] = field(default_factory=list)
 
 
@@ -156,6 +164,8 @@ def count_ticks(subs: list[Subscriber]) -> tuple[Deliveries, list[set[int]]]:
                 continue
             data = env["data"]
             seq = data["seq"]
+            if seq < 0:  # a warm-up event, sent before the measurement
+                continue
             out.delivered += 1
             out.latencies_ms.append((message.arrived_ns - data["t"]) / 1e6)
             out.last_arrival_ns = max(out.last_arrival_ns, message.arrived_ns)
@@ -541,6 +551,77 @@ def _step_latency(subs: list[Subscriber], ops: list[str], sent: dict[str, int]) 
     return {"delivered": len(latencies), **_rounded(latency_summary(latencies))}
 
 
+# P: publishing over HTTP -------------------------------------------------------------------
+
+async def open_receiving(kind: TargetKind, target: Target, topics: list[str], *, wait: float = 10.0) -> OpenResult:
+    """One SSE subscriber per topic, each seen to receive before the measurement: a warm-up event published to
+    every topic (sequence number -1, which :func:`count_ticks` leaves out) reached every one of them.
+    """
+    from bench.publisher import Ticks
+
+    opened = await _open(kind, target, topics, "sse")
+    if opened.connected < len(topics):
+        raise RuntimeError(f"only {opened.connected} of {len(topics)} streams connected: {opened.group.errors}")
+    warm_up = Ticks().encoded(-1, time.time_ns())
+    pool = await HTTPPool(HOST, target.port, size=1).start()
+    try:
+        for topic in topics:
+            path, headers = kind.publish_request(topic)
+            status, answer = await pool.post(path, warm_up, headers=headers)
+            if status not in (200, 201, 202):
+                raise RuntimeError(f"the warm-up publish to {topic} was answered {status}: {answer[:200]!r}")
+    finally:
+        pool.close()
+    deadline = time.monotonic() + wait
+    while not all(_messages(sub) for sub in opened.subscribers):
+        if time.monotonic() > deadline:
+            close_all(opened.subscribers)
+            raise RuntimeError(f"a subscriber did not get the warm-up event within {wait:.0f} s")
+        await asyncio.sleep(0.05)
+    return opened
+
+
+async def publish_throughput(kind: TargetKind, target: Target, *, events: int, batch: int, topics: int,
+                             workdir: Path, quiet: float = 1.0) -> dict[str, Any]:
+    """``events`` published over HTTP as fast as they go, ``batch`` per request, on ``topics`` topics.
+
+    Herald takes a batch as one JSON array (``batch`` 1: a single event per request); nchan has no
+    batch, so it always gets one event per request. One publisher connection per topic, so each
+    topic's events are stored in the order published; one SSE subscriber per topic checks that
+    every event arrives once and in order. The rate is published events over the time from the
+    first request to the last answer.
+    """
+    names = [f"bench-p-{i}" for i in range(topics)]
+    opened = await open_receiving(kind, target, names)
+    per_request = batch if kind.name == "herald" else 1
+    spec = publisher_spec(kind, target, mode="stream", via="http", topics=names, count=events, batch=per_request,
+                          concurrency=topics, publish_key=SECRET, max_seconds=30)
+    stats, cpu = await publish_and_wait(target, opened.group, spec, workdir, quiet=quiet)
+    found, _ = count_ticks(opened.subscribers)
+    close_all(opened.subscribers)
+    seconds = stats["seconds"]
+    published = stats["published"]
+    return {
+        "events": events,
+        "events_per_request": per_request,
+        "published": published,
+        "publish_errors": stats["errors"],
+        "events_per_s": round(published / seconds, 1) if published and seconds > 0 else None,
+        "requests_per_s": round(published / per_request / seconds, 1) if published and seconds > 0 else None,
+        "expected": published,
+        "delivered": found.delivered,
+        "lost": published - found.unique,
+        "duplicated": found.duplicated,
+        "out_of_order": found.out_of_order,
+        **_rounded(latency_summary(found.latencies_ms)),
+        "cpu_s": round(cpu, 2),
+        "cpu_us_per_event": _per(cpu, published),
+        "publisher_cpu_us_per_event": _per(stats.get("cpu_s"), published),
+        "redis_cpu_us_per_event": _per(stats.get("redis_cpu_s"), published),
+        "loadgen_cpu_us_per_event": _per(stats.get("loadgen_cpu_s"), published),
+    }
+
+
 # The list of cases ---------------------------------------------------------------------------
 
 def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> list[Case]:
@@ -575,4 +656,14 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
                         lambda k, t: many_topics(k, t, n=sizes.e_c_subscribers, workdir=workdir_of(),
                                                  transport="ws", rounds=sizes.c_rounds,
                                                  quiet=sizes.quiet_seconds)))
+    if "P" in selected:
+        out.append(Case("P", f"publish {sizes.p_events:,} events over HTTP, {sizes.p_batch} per request "
+                             "(nchan: 1, it has no batch)",
+                        lambda k, t: publish_throughput(k, t, events=sizes.p_events, batch=sizes.p_batch,
+                                                        topics=sizes.p_topics, workdir=workdir_of(),
+                                                        quiet=sizes.quiet_seconds), publishes=True))
+        out.append(Case("P", f"publish {sizes.p_single_events:,} events over HTTP, 1 per request",
+                        lambda k, t: publish_throughput(k, t, events=sizes.p_single_events, batch=1,
+                                                        topics=sizes.p_topics, workdir=workdir_of(),
+                                                        quiet=sizes.quiet_seconds), publishes=True))
     return out

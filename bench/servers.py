@@ -35,7 +35,8 @@ NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 SECRET = "bench-secret-not-for-production-0123456789"
-"""``HERALD_SECRET`` of every Herald the bench starts; the load generator signs tokens with it."""
+"""``HERALD_SECRET`` and ``HERALD_PUBLISH_JWT_SECRET`` of every Herald the bench starts; the load generator signs
+subscribe tokens, and the publisher its publisher token, with it."""
 
 
 def free_port() -> int:
@@ -289,7 +290,9 @@ def start_herald(workdir: Path, redis: RedisServer, *, extra_env: dict[str, str]
     """Herald on the bench's Redis: one gateway process and one worker process."""
     port = free_port()
     env = {**os.environ, "HERALD_SECRET": SECRET, "HERALD_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
-           "HERALD_HEARTBEAT": "15", "HERALD_WORKER_CONCURRENCY": "32", **(extra_env or {})}
+           "HERALD_HEARTBEAT": "15", "HERALD_WORKER_CONCURRENCY": "32",
+           # scenario P publishes through POST /topics/{topic}/events as fast as it goes: no rate limit
+           "HERALD_PUBLISH_JWT_SECRET": SECRET, "HERALD_PUBLISH_RATE": "0", **(extra_env or {})}
     env.pop("REDIS_URL", None)
     target = Target("herald", port, redis)
     if herald_uses_redis():
@@ -386,7 +389,33 @@ def start_nchan(workdir: Path, redis: RedisServer, *, use_redis: bool = True) ->
     if not use_redis:
         target.notes.append("nchan with memory storage, not Redis")
     target.processes.append(spawn("nchan", ["nginx", "-p", str(ndir), "-c", str(ndir / "nginx.conf")], ndir))
-    return _ready(target, f"http://{HOST}:{port}/healthz")
+    _ready(target, f"http://{HOST}:{port}/healthz")
+    if use_redis:
+        _nchan_storage_ready(target)
+    return target
+
+
+def _nchan_storage_ready(target: Target, timeout: float = 20.0) -> None:
+    """Wait until nchan's channels answer (it connects to Redis after it starts, and answers 503 until then).
+
+    Subscribers and publishers that came before were refused with 503, so a scenario found no event delivered.
+    """
+    url = f"http://{HOST}:{target.port}/pub/bench-ready-probe"  # GET: the channel's info, 404 while it has none
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                last = resp.status
+        except urllib.error.HTTPError as exc:
+            last = exc.code
+        except OSError as exc:
+            last = exc
+        if last in (200, 404):
+            return
+        time.sleep(0.05)
+    target.stop()
+    raise RuntimeError(f"nchan's Redis storage not ready after {timeout}s (last: {last})")
 
 
 @contextlib.contextmanager

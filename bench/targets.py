@@ -6,9 +6,11 @@ target can use them as they are (Herald's chat rooms are the one exception: ``ch
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from urllib.parse import quote
 
+import jwt
 import orjson
 
 from bench import servers
@@ -21,6 +23,8 @@ class TargetKind:
 
     name = ""
     supports_commands = True
+    publish_api = False
+    """Whether events can be published to it over HTTP (scenario P)."""
 
     def start(self, workdir: Path, redis: RedisServer, *, commands: bool = False) -> Target:
         """Start a fresh server on the bench's Redis."""
@@ -41,6 +45,10 @@ class TargetKind:
         """Scenario D: the SSE stream on which a room's correlated events arrive."""
         raise NotImplementedError
 
+    def publish_request(self, topic: str) -> tuple[str, dict[str, str]]:
+        """Scenario P: the path and headers of a request that publishes one event (its body) to ``topic``."""
+        raise NotImplementedError
+
     def command(self, room: str, seq: int) -> tuple[str, bytes]:
         """Scenario D: the path and body of one command for ``room``."""
         raise NotImplementedError
@@ -55,6 +63,7 @@ class Herald(TargetKind):
     """Herald: one gateway process and one worker process on the bench's Redis."""
 
     name = "herald"
+    publish_api = True
 
     def __init__(self) -> None:
         self.signer = TokenSigner(servers.SECRET, ttl=3600)
@@ -70,6 +79,11 @@ class Herald(TargetKind):
 
     def room_path(self, room: str) -> str:
         return self.sse_path(f"chats/{room}")
+
+    def publish_request(self, topic: str) -> tuple[str, dict[str, str]]:
+        token = jwt.encode({"sub": "bench-warm-up", "exp": int(time.time()) + 3600, "herald": {"publish": ["**"]}},
+                           servers.SECRET, "HS256")
+        return f"/topics/{quote(topic, safe='/')}/events", {"Authorization": f"Bearer {token}"}
 
     def command(self, room: str, seq: int) -> tuple[str, bytes]:
         return f"/chats/{room}/messages", orjson.dumps({"author": "bench", "text": f"message {seq}"})
@@ -101,6 +115,7 @@ class Nchan(TargetKind):
 
     name = "nchan"
     supports_commands = False
+    publish_api = True
     ws_ready_on_message = False
 
     def start(self, workdir: Path, redis: RedisServer, *, commands: bool = False) -> Target:
@@ -111,6 +126,9 @@ class Nchan(TargetKind):
 
     def ws_path(self, topic: str) -> str:
         return f"/sub/{topic}"
+
+    def publish_request(self, topic: str) -> tuple[str, dict[str, str]]:
+        return f"/pub/{topic}", {}
 
 
 def make_targets(names: list[str]) -> list[TargetKind]:

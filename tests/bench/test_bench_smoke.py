@@ -26,9 +26,9 @@ def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_p
     if not shutil.which("redis-server"):
         pytest.fail("redis-server is not installed: run the tests with `make test`, which installs it")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--tiny", "--targets", "herald,naive", "--scenarios", "A,B,C,D,E",
+        [sys.executable, "-m", "bench", "--tiny", "--targets", "herald,naive", "--scenarios", "A,B,C,D,E,P",
          "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=90,
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [orjson.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
@@ -54,6 +54,13 @@ def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_p
     for m in bursts:
         assert m["rounds"] == 2 and m["expected"] == 2 * 20 and len(m["round_rates"]) == 2, m
         assert m["cpu_us_per_delivery"] is not None
+    publishes = [r for r in rows if r["scenario"] == "P" and "over HTTP" in r["variant"]]
+    assert {r["target"] for r in publishes} == {"herald"}  # naive has no publish API
+    assert [r["metrics"]["events_per_request"] for r in publishes] == [50, 1]
+    for row in publishes:  # every event POSTed to /topics/{topic}/events arrives once, in order
+        m = row["metrics"]
+        assert m["published"] == m["events"] == m["delivered"] and m["publish_errors"] == 0, m
+        assert m["events_per_s"] > 0 and m["cpu_us_per_event"] is not None
     b = next(r for r in rows if r["scenario"] == "B" and r["target"] == "herald")["metrics"]
     assert b["expected"] == 20 * 20 and b["publish_rate"] > 40
     [summary] = [r for r in lines if r.get("summary")]
@@ -64,6 +71,7 @@ def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_p
     assert "| scenario | metric | herald | naive | herald/naive |" in table
     assert "| A: SSE idle x20 | connected | 20 | 20 | 1.00x |" in table
     assert "### C as fast as it goes: CPU µs per delivery, by party" in table
+    assert "### P: CPU µs per published event, by party" in table
 
 
 def test_sse_parser_follows_chunked_encoding_split_anywhere_and_stamps_the_last_byte() -> None:
