@@ -26,6 +26,7 @@ import math
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
@@ -56,6 +57,9 @@ ACCEPT_POST = "application/json, application/cloudevents+json, application/cloud
 _SEGMENT = re.compile(r"[A-Za-z0-9_\-.:@]{1,128}")
 _TEMPLATE = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _MAX_PATTERNS = 100
+VERIFIED_TOKENS = 256
+"""Publisher tokens remembered once verified, until their ``exp`` (a backend sends the same token again and
+again, and verifying a JWT costs more CPU than storing a small batch)."""
 
 
 class PatternError(ValueError):
@@ -126,6 +130,8 @@ class PublishAuth:
         self.verifier = verifier
         self.missing = missing
         """Why every publish is refused when no key is configured (names the setting to set)."""
+        self._verified: OrderedDict[str, tuple[float, str, list[str] | None]] = OrderedDict()
+        """token → (its ``exp``, subject, patterns), least recently used first."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PublishAuth:
@@ -150,22 +156,41 @@ class PublishAuth:
         if authorization is None:
             raise _unauthorized("publishing needs Authorization: Bearer <publisher token>", invalid=False)
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             raise _unauthorized("use Authorization: Bearer <publisher token>", invalid=True)
+        subject, patterns = self._verify(token)
+        if patterns is None:
+            raise _forbidden(f"this token has no {CLAIM} claim: it may not publish")
+        if not allows(patterns, topic):
+            raise _forbidden(f"this token's {CLAIM} claim does not open the topic {topic!r}")
+        return subject
+
+    def _verify(self, token: str) -> tuple[str, list[str] | None]:
+        """The subject and patterns of a valid token, from the cache while it has not expired."""
+        assert self.verifier is not None
+        cache = self._verified
+        known = cache.get(token)
+        if known is not None and known[0] > time.time():
+            cache.move_to_end(token)
+            return known[1], known[2]
         try:
-            claims = self.verifier.claims(token.strip())
+            claims = self.verifier.claims(token)  # past its exp, it is verified again: the leeway, then a 401
         except BearerError as exc:
+            cache.pop(token, None)
             raise _unauthorized(exc.detail, invalid=True) from exc
         try:
             patterns = publish_patterns(claims)
         except PatternError as exc:
             raise _forbidden(str(exc)) from exc
-        if patterns is None:
-            raise _forbidden(f"this token has no {CLAIM} claim: it may not publish")
-        if not allows(patterns, topic):
-            raise _forbidden(f"this token's {CLAIM} claim does not open the topic {topic!r}")
         subject: str = claims["sub"]
-        return subject
+        expires_at = claims["exp"]
+        if isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool):
+            cache[token] = (float(expires_at), subject, patterns)
+            cache.move_to_end(token)
+            while len(cache) > VERIFIED_TOKENS:
+                cache.popitem(last=False)
+        return subject, patterns
 
     async def endpoint(self, request: Request) -> Response:
         """``POST /topics/{topic}/events``."""

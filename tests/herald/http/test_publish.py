@@ -224,6 +224,27 @@ async def test_without_a_publisher_key_the_bearer_key_signs_publisher_tokens(mak
     assert_problem(plain_user, 403, "publish-forbidden")
 
 
+async def test_a_publisher_token_is_verified_once_until_its_exp(
+    publisher: Herald, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    [route] = [r for r in publisher.app.routes if getattr(r, "name", None) == "publish"]
+    auth = route.endpoint.__self__  # type: ignore[attr-defined]  # the PublishAuth serving the route
+    verified: list[str] = []
+    real = auth.verifier.claims
+    monkeypatch.setattr(auth.verifier, "claims", lambda token: verified.append(token) or real(token))
+    headers = bearer(ttl=60)
+    for _ in range(3):
+        assert (await publisher.client.post("/topics/chats/v/events", headers=headers, json={"type": "A"})).is_success
+    assert len(verified) == 1
+    refused = await publisher.client.post("/topics/chats/other/events", headers=bearer(["orders/*"]),
+                                          json={"type": "A"})
+    assert refused.status_code == 403 and len(verified) == 2
+    later = time.time() + 61  # past the token's exp: verified again (and refused once past PyJWT's leeway too)
+    monkeypatch.setattr("herald.http.publish.time.time", lambda: later)
+    assert (await publisher.client.post("/topics/chats/v/events", headers=headers, json={"type": "A"})).is_success
+    assert len(verified) == 3
+
+
 def test_a_short_publisher_secret_is_refused_at_startup() -> None:
     with pytest.raises(SettingsError, match="HERALD_PUBLISH_JWT_SECRET"):
         Settings.from_env({"HERALD_PUBLISH_JWT_SECRET": "short"})
