@@ -38,6 +38,7 @@ from herald.http.asyncapi import build_asyncapi
 from herald.http.commands import CommandRouter
 from herald.http.fastwrite import HttpToolsProtocol
 from herald.http.gateway import Gateway
+from herald.http.mercure import MercureHub, MercureMiddleware
 from herald.http.openapi import build_openapi
 from herald.http.problems import HTTPProblem, handle_http_exception, handle_problem, problem_response
 from herald.http.publish import PublishAuth
@@ -233,7 +234,8 @@ def create_app(
     ]
     if static is not None:
         routes.append(Mount("/", app=PageHeaders(StaticFiles(directory=static, html=True)), name="static"))
-    middleware = []
+    # outermost: the Mercure hub answers its own path with its own keys and CORS origins
+    middleware = [Middleware(MercureMiddleware, hub=MercureHub.from_settings(gateway))]
     if settings.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware,

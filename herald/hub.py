@@ -395,6 +395,14 @@ class Hub:
         if sub in self._subscribers:  # not one that has already left: it would wait in the wheel for nothing
             self._expiry.add(sub, expires_at)
 
+    def join(self, sub: Subscriber) -> None:
+        """Count ``sub`` among this process's connections without attaching it to a topic.
+
+        For a subscriber that a router feeds (the Mercure hub's, :mod:`herald.http.mercure`): it gets
+        heartbeats, shutdown and token expiry like any other, and :meth:`leave` lets it go.
+        """
+        self._subscribers.add(sub)
+
     async def leave(self, sub: Subscriber) -> None:
         """Detach ``sub`` from every topic it follows."""
         for topic in list(sub.positions):

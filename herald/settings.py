@@ -161,6 +161,19 @@ class Settings:
     log_level: str = _env("HERALD_LOG_LEVEL", "info")
     """``HERALD_LOG_LEVEL``."""
 
+    # Mercure hub (/.well-known/mercure)
+    mercure_publisher_jwt_key: str | None = _env("HERALD_MERCURE_PUBLISHER_JWT_KEY", None)
+    """``HERALD_MERCURE_PUBLISHER_JWT_KEY``: HMAC secret (32+ bytes) or PEM public key of publishers' JWTs; unset =
+    publishing is off."""
+    mercure_subscriber_jwt_key: str | None = _env("HERALD_MERCURE_SUBSCRIBER_JWT_KEY", None)
+    """``HERALD_MERCURE_SUBSCRIBER_JWT_KEY``: the same for subscribers' JWTs; unset = the publisher key."""
+    mercure_jwt_algorithms: tuple[str, ...] = _env("HERALD_MERCURE_JWT_ALGORITHMS", ())
+    """``HERALD_MERCURE_JWT_ALGORITHMS``: e.g. ``HS256,RS256``; unset = HS256 for a secret, a PEM key's family."""
+    mercure_anonymous: bool = _env("HERALD_MERCURE_ANONYMOUS", False)
+    """``HERALD_MERCURE_ANONYMOUS``: subscribers without a JWT get the public updates."""
+    mercure_cors_origins: tuple[str, ...] = _env("HERALD_MERCURE_CORS_ORIGINS", ())
+    """``HERALD_MERCURE_CORS_ORIGINS``: comma-separated origins whose pages may subscribe (with the cookie)."""
+
     @property
     def auth_enabled(self) -> bool:
         """Whether commands need a bearer token."""

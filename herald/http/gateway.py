@@ -17,6 +17,7 @@ from herald.broker.base import Broker, BrokerError, StoredEvent
 from herald.domain import Catalog
 from herald.http.problems import HTTPProblem
 from herald.hub import Hub
+from herald.mercure import HUB_PATH as MERCURE_HUB
 from herald.metrics import Metrics
 from herald.operations import Operation, operation_topic
 from herald.settings import Settings
@@ -80,6 +81,13 @@ class Gateway:
             return ""
         scheme = "wss" if conn.url.scheme in ("https", "wss") else "ws"
         return f"{scheme}://{host}"
+
+    def mercure_link(self) -> str:
+        """The ``Link`` header value that advertises the Mercure hub (``rel="mercure"``), for a resource's response.
+
+        Absolute with ``HERALD_PUBLIC_URL``, relative (to the resource's URL) without.
+        """
+        return f'<{self.settings.public_url}{MERCURE_HUB}>; rel="mercure"'
 
     def topic_urls(self, conn: HTTPConnection, topics: list[str], *, subject: str | None = None) -> dict[str, str]:
         """``subscribe_url`` (SSE) and ``websocket_url`` for ``topics``, each with a token opening them."""

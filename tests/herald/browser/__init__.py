@@ -1,0 +1,1 @@
+"""The library in a real browser: headless Chromium against gateway processes."""
