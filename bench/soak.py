@@ -205,6 +205,9 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "HERALD_SECRET": SECRET,
         "HERALD_LOG_LEVEL": "warning",
         "HERALD_MAX_CONNECTIONS": str(args.connections + 500),
+        # every connection comes from this one address, many with one room's token
+        "HERALD_MAX_CONNECTIONS_PER_CLIENT": str(args.connections + 500),
+        "HERALD_MAX_CONNECTIONS_PER_TOKEN": str(args.connections + 500),
         # the poster is one address: --rate may exceed the anonymous default of 20 commands per second
         "HERALD_RATE_LIMIT": "0",
         # rooms' histories fill within the warm-up, so a full history is part of the baseline

@@ -167,10 +167,18 @@ class Subscriber:
         self._wake()
 
     def control(self, message: str) -> None:
-        """Queue a transport-level message (a WebSocket reply), in order with the frames."""
-        if not self.closed:
-            self.queue.append(message)
-            self._wake()
+        """Queue a transport-level message (a WebSocket reply), in order with the frames.
+
+        Replies count against ``max_queue`` like live frames: a client that sends pings or commands
+        and never reads the answers is cut off as a slow consumer, not buffered for without end.
+        """
+        if self.closed:
+            return
+        if len(self.queue) - self._backlog >= self.max_queue:
+            self.overflow()
+            return
+        self.queue.append(message)
+        self._wake()
 
     def overflow(self) -> None:
         """Drop the queue and ask the transport to close as a slow consumer."""

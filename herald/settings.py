@@ -118,6 +118,16 @@ class Settings:
     """``HERALD_MAX_WS_MESSAGE`` bytes in one WebSocket message from a client."""
     max_connections: int = _env("HERALD_MAX_CONNECTIONS", 20000, minimum=1)
     """``HERALD_MAX_CONNECTIONS``: SSE + WebSocket connections per process (503 beyond)."""
+    max_connections_per_client: int = _env("HERALD_MAX_CONNECTIONS_PER_CLIENT", 100, minimum=1)
+    """``HERALD_MAX_CONNECTIONS_PER_CLIENT``: SSE + WebSocket connections of one bearer subject, else address (429)."""
+    max_connections_per_token: int = _env("HERALD_MAX_CONNECTIONS_PER_TOKEN", 20, minimum=1)
+    """``HERALD_MAX_CONNECTIONS_PER_TOKEN``: SSE + WebSocket connections opened with one subscribe token (429)."""
+    max_long_polls: int = _env("HERALD_MAX_LONG_POLLS", 1000, minimum=0)
+    """``HERALD_MAX_LONG_POLLS``: ``Prefer: wait`` / ``?wait=`` requests held at once; beyond, answered at once."""
+    ws_rate: float = _env("HERALD_WS_RATE", 50.0, minimum=0.0)
+    """``HERALD_WS_RATE``: messages per second one WebSocket may send, in bursts of twice that (0 = off; 1008)."""
+    ws_max_inflight: int = _env("HERALD_WS_MAX_INFLIGHT", 16, minimum=1)
+    """``HERALD_WS_MAX_INFLIGHT``: commands one WebSocket may have unanswered (an ``error`` 429 beyond)."""
     rate_limit: int | None = _env("HERALD_RATE_LIMIT", None, minimum=0)
     """``HERALD_RATE_LIMIT``: commands per client per second (0 = unlimited); unset: see :attr:`command_rate_limit`."""
     max_json_depth: int = _env("HERALD_MAX_JSON_DEPTH", 32, minimum=2)

@@ -227,8 +227,10 @@ async def submit(
     if prefer.respond_async:
         headers["Preference-Applied"] = "respond-async"
     elif prefer.wait is not None:
-        headers["Preference-Applied"] = f"wait={int(prefer.wait)}"
-        op = await wait_for_change(gateway, op, prefer.wait, until_terminal=True)
+        waited = await long_poll(gateway, op, prefer.wait, until_terminal=True)
+        if waited is not None:  # else no slot was free: answered at once, the preference not applied
+            headers["Preference-Applied"] = f"wait={int(prefer.wait)}"
+            op = waited
     if not accepted.created:
         headers["Idempotent-Replayed"] = "true"
     body_out = gateway.operation_body(conn, op, subject=owner)
@@ -238,6 +240,25 @@ async def submit(
     headers["Location"] = body_out["operation_url"]
     headers["Retry-After"] = RETRY_AFTER
     return Submission(202, headers, body_out)
+
+
+async def long_poll(gateway: Gateway, op: Operation, timeout: float, *, until_terminal: bool) -> Operation | None:
+    """:func:`wait_for_change` in one of the ``HERALD_MAX_LONG_POLLS`` slots; ``None`` when none is free.
+
+    A request that gets no slot is answered at once, as if it had not asked to wait (a command is
+    never refused for its wait), and counted as ``long-polls`` in ``herald_limited_total``.
+    """
+    if timeout <= 0 or op.status.terminal:
+        return op  # nothing to wait for: no slot needed
+    admission = gateway.admission
+    if not admission.begin_long_poll(gateway.settings.max_long_polls):
+        if gateway.metrics is not None:
+            gateway.metrics.limited("long-polls")
+        return None
+    try:
+        return await wait_for_change(gateway, op, timeout, until_terminal=until_terminal)
+    finally:
+        admission.end_long_poll()
 
 
 async def wait_for_change(gateway: Gateway, op: Operation, timeout: float, *, until_terminal: bool) -> Operation:

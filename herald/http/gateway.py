@@ -15,6 +15,7 @@ from starlette.requests import HTTPConnection
 from herald.auth import TokenSigner
 from herald.broker.base import Broker, BrokerError, StoredEvent
 from herald.domain import Catalog
+from herald.http.admission import Admission
 from herald.http.problems import HTTPProblem
 from herald.hub import Hub
 from herald.mercure import HUB_PATH as MERCURE_HUB
@@ -40,6 +41,8 @@ class Gateway:
     catalog: Catalog = field(default_factory=lambda: Catalog.of([]))
     commands: CommandRouter | None = None
     access: TopicAccess | None = None
+    admission: Admission = field(default_factory=Admission)
+    """The push connections and long polls held now, against their caps (:mod:`herald.http.admission`)."""
 
     @classmethod
     def of(cls, conn: HTTPConnection) -> Gateway:

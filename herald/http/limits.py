@@ -13,8 +13,9 @@
 
 The other limits live where they are enforced: body size (``HERALD_MAX_BODY``, 413) in
 :func:`herald.http.commands.read_json_body`; topic names (400) in :func:`herald.protocol.validate_topic`;
-topics per connection, WebSocket message size and connections per process in
-:mod:`herald.http.push`.
+topics per connection and WebSocket message size, rate and commands in flight in
+:mod:`herald.http.push`; connections per process, client and token, and long polls, in
+:mod:`herald.http.admission`.
 """
 
 from __future__ import annotations

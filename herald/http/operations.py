@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from herald.broker.base import BrokerError
-from herald.http.commands import RETRY_AFTER, wait_for_change
+from herald.http.commands import RETRY_AFTER, long_poll
 from herald.http.gateway import Gateway
 from herald.http.problems import HTTPProblem
 from herald.logs import bind_correlation_id
@@ -81,7 +81,7 @@ async def get_operation(request: Request) -> Response:
     if wait > 0 and not op.status.terminal:
         if_none = request.headers.get("if-none-match")
         if if_none is None or etag_matches(if_none, op.etag):
-            op = await wait_for_change(gateway, op, wait, until_terminal=False)
+            op = await long_poll(gateway, op, wait, until_terminal=False) or op  # no slot free: as it is now
     headers = {"ETag": op.etag, "Cache-Control": "no-cache"}
     if not op.status.terminal:
         headers["Retry-After"] = RETRY_AFTER

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
@@ -24,9 +25,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from herald.auth import Grant, TokenError
 from herald.broker.base import BrokerError, HistoryPage
+from herald.http.admission import Seat, token_key
 from herald.http.commands import parse_prefer, submit
 from herald.http.fastwrite import ChunkWriter, take_chunk_writer
 from herald.http.gateway import Gateway
+from herald.http.limits import client_of
 from herald.http.problems import HTTPProblem, problem_response
 from herald.hub import HEARTBEAT, Gap, Subscriber
 from herald.operations import Operation, operation_topic
@@ -51,6 +54,7 @@ from herald.protocol import (
     validate_topic,
     ws_message,
 )
+from herald.settings import Settings
 
 log = logging.getLogger("herald.push")
 
@@ -74,13 +78,67 @@ def _token(conn: HTTPConnection) -> str | None:
     return conn.query_params.get("token") or conn.cookies.get("herald_token")
 
 
-def _check_capacity(gateway: Gateway) -> None:
+def admit(gateway: Gateway, conn: HTTPConnection, token: str | None) -> Seat:
+    """Count a new push connection opened with ``token`` against its caps (:mod:`herald.http.admission`).
+
+    Refused: ``503`` while this process stops or when it is full (another may have room), ``429``
+    when the client or the token holds its share already; with ``Retry-After``, and counted in
+    ``herald_limited_total``. The caller gives the seat back when the connection ends.
+    """
     if not gateway.accepting:
         raise HTTPProblem(503, "this gateway is shutting down; connect to another", kind="shutting-down",
                           headers={"Retry-After": "1"})
-    if gateway.hub.connections >= gateway.settings.max_connections:
+    admission = gateway.admission
+    client = client_of(conn, conn.scope.get("herald.subject"))
+    key = token_key(token)
+    reason = admission.refusal(gateway.settings, client, key)
+    if reason is None:
+        return admission.admit(client, key)
+    if gateway.metrics is not None:
+        gateway.metrics.limited(reason)
+    if reason == "connections-process":
         raise HTTPProblem(503, "this gateway holds as many connections as it is allowed",
                           kind="too-many-connections", headers={"Retry-After": "5"})
+    whose = "this client" if reason == "connections-client" else "this subscribe token"
+    raise HTTPProblem(429, f"{whose} holds as many push connections as it is allowed; close one first",
+                      kind="too-many-connections", headers={"Retry-After": "5"})
+
+
+def _origin_allowed(ws: WebSocket, settings: Settings) -> bool:
+    """Whether the handshake's ``Origin`` may open a socket: none, the gateway's own, or a listed one.
+
+    A browser always sends ``Origin`` (and the ``herald_token`` cookie) with a WebSocket handshake,
+    whatever page opened it, and the WebSocket has no CORS of its own: this check is what stops a
+    page of another site from opening ``/ws`` in its visitor's name. A handshake without ``Origin``
+    is no browser's (curl, a server, the ``websockets`` library) and carries its own credentials.
+    """
+    origin = ws.headers.get("origin")
+    if origin is None:
+        return True
+    seen = _origin_of(origin)
+    if seen is None:
+        return False  # "null" (a sandboxed frame, a file) or no origin at all
+    # the page's own origin: the host this request was sent to, https for wss and http for ws
+    scheme = "https" if ws.url.scheme == "wss" else "http"
+    allowed = {_origin_of(f"{scheme}://{ws.headers.get('host', '')}"), *map(_origin_of, settings.cors_origins)}
+    if settings.public_url:
+        allowed.add(_origin_of(settings.public_url))
+    return seen in allowed
+
+
+def _origin_of(url: str) -> str | None:
+    """The ``scheme://host[:port]`` of ``url``, lowercase and without its scheme's default port."""
+    try:
+        parts = urlsplit(url.lower())
+        port = parts.port
+    except ValueError:  # a port that is not a number
+        return None
+    if not parts.hostname:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is not None and port != {"http": 80, "https": 443}.get(parts.scheme):
+        host += f":{port}"
+    return f"{parts.scheme}://{host}"
 
 
 def _grant(gateway: Gateway, token: str | None, topics: list[str], caller: str | None) -> Grant:
@@ -124,7 +182,7 @@ class EventStream(Response):
     """An SSE response that follows topics through the hub until the client leaves."""
 
     def __init__(self, gateway: Gateway, topics: list[str], cursors: list[str | None], *, end_on_terminal: bool,
-                 expires_at: int = 0):
+                 expires_at: int = 0, seat: Seat | None = None):
         # no Response.__init__: a stream has no body or fixed headers to prepare, and lives as long as its client
         self.background = None
         self.gateway = gateway
@@ -133,6 +191,8 @@ class EventStream(Response):
         self.end_on_terminal = end_on_terminal
         self.expires_at = expires_at
         """When the token that opened the stream expires, ending it (Unix seconds; 0: opened without one)."""
+        self.seat = seat
+        """Its place in the connection caps (:func:`admit`), given back when the stream ends."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Follow the topics, then stream until the client, the hub or a terminal event ends it."""
@@ -149,9 +209,13 @@ class EventStream(Response):
                                  announce=self._announcer(i, topic, positions, preamble))
         except BrokerError:
             await hub.leave(sub)
+            self._release()
             await problem_response(HTTPProblem(503, "the broker is unreachable", kind="broker-unavailable",
                                                headers={"Retry-After": "2"}))(scope, receive, send)
             return
+        except BaseException:
+            self._release()
+            raise
         if any(c is None and not t.startswith("operations/") for c, t in zip(self.cursors, self.topics, strict=True)):
             # A stream that starts live names its starting cursor at once (an id-only block sets an
             # EventSource's lastEventId without dispatching), so a reconnect before the first event
@@ -196,8 +260,14 @@ class EventStream(Response):
         finally:
             sub.direct = None
             watcher.cancel()
+            self._release()
             await hub.leave(sub)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _release(self) -> None:
+        if self.seat is not None:
+            self.gateway.admission.release(self.seat)
+            self.seat = None
 
     def _announcer(self, i: int, topic: str, positions: list[str | None],
                    preamble: list[bytes]) -> Callable[[str | None, HistoryPage | None], None]:
@@ -376,7 +446,6 @@ async def operation_events(request: Request) -> Response:
     except ProtocolError as exc:
         raise HTTPProblem(404, "no such operation", kind="operation-not-found") from exc
     grant = _authorize(gateway, request, [topic])
-    _check_capacity(gateway)
     try:
         op = await gateway.broker.get_operation(op_id)
     except BrokerError as exc:
@@ -397,7 +466,8 @@ async def operation_events(request: Request) -> Response:
             # Resumed after the terminal event: nothing more will ever come. 204 is what tells an
             # EventSource to stop reconnecting; a 200 would hold it open, idle, forever.
             return Response(status_code=204)
-    return EventStream(gateway, [topic], cursors, end_on_terminal=True, expires_at=grant.expires_at)
+    return EventStream(gateway, [topic], cursors, end_on_terminal=True, expires_at=grant.expires_at,
+                       seat=admit(gateway, request, _token(request)))
 
 
 async def topic_events(request: Request) -> Response:
@@ -406,11 +476,12 @@ async def topic_events(request: Request) -> Response:
     one = request.path_params.get("topic")
     topics = _topics([unquote(one)] if one else request.query_params.getlist("topic"), gateway)
     grant = _authorize(gateway, request, topics)
-    _check_capacity(gateway)
     await _check_owners(gateway, request, topics, grant)
     single_operation = len(topics) == 1 and topics[0].startswith("operations/")
-    return EventStream(gateway, topics, _cursors_for(request, topics), end_on_terminal=single_operation,
-                       expires_at=grant.expires_at)
+    cursors = _cursors_for(request, topics)
+    # admitted last, once nothing can refuse the stream: the stream gives the seat back when it ends
+    return EventStream(gateway, topics, cursors, end_on_terminal=single_operation, expires_at=grant.expires_at,
+                       seat=admit(gateway, request, _token(request)))
 
 
 # WebSocket -----------------------------------------------------------------------------
@@ -430,6 +501,7 @@ class SocketSession:
     async def run(self) -> None:
         """Serve the socket until either side ends it."""
         await self.ws.accept()
+        self.gateway.hub.join(self.sub)  # counted from its accept, whether it follows topics or not
         self.sub.task = asyncio.current_task()
         reader = asyncio.ensure_future(self._read())
         try:
@@ -444,6 +516,8 @@ class SocketSession:
             for task in self._commands or ():
                 task.cancel()
             await self.gateway.hub.leave(self.sub)
+        if self.sub.reason == "slow-consumer":
+            self._limited("ws-queue-overflow")
         if self.sub.reason in _RECONNECT_CODES:
             self.close_code = _RECONNECT_CODES[self.sub.reason]
             self.close_reason = RECONNECT_REASONS[self.sub.reason]
@@ -472,12 +546,30 @@ class SocketSession:
         self.close_reason = reason
         self.sub.close("protocol")
 
+    def _limited(self, reason: str) -> None:
+        if self.gateway.metrics is not None:
+            self.gateway.metrics.limited(reason)
+
     async def _read(self) -> None:
+        # HERALD_WS_RATE as a token bucket in this frame's locals: a burst of twice the rate, then the rate
+        rate = self.gateway.settings.ws_rate
+        burst = allowance = max(1.0, 2 * rate)
+        clock = time.monotonic
+        last = clock()
         try:
             while not self.sub.closed:
                 message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
                     break
+                if rate:
+                    now = clock()
+                    allowance = min(burst, allowance + (now - last) * rate)
+                    last = now
+                    if allowance < 1:
+                        self._limited("ws-message-rate")
+                        self._fail(WS_CLOSE_POLICY, f"more than {rate:g} messages per second; slow down")
+                        return
+                    allowance -= 1
                 text = message.get("text")
                 if text is None:
                     self._fail(WS_CLOSE_UNSUPPORTED, "binary messages are not supported; send JSON text")
@@ -508,11 +600,22 @@ class SocketSession:
             await self.gateway.hub.detach(self.sub, frame.topic)
             self.sub.control(ws_message("unsubscribed", topic=frame.topic, id=frame.id))
         else:
+            commands = self._commands
+            if commands is None:
+                commands = self._commands = set()
+            limit = self.gateway.settings.ws_max_inflight
+            if len(commands) >= limit:
+                # refused before any task exists: a flood of commands costs one small reply each, and
+                # the replies count against the queue bound
+                self._limited("ws-commands-inflight")
+                problem = HTTPProblem(429, f"at most {limit} commands per socket wait for their answer; wait for one",
+                                      kind="too-many-commands")
+                self.sub.control(ws_message("error", id=frame.id, code="too-many-commands", status=429,
+                                            problem=problem.document()))
+                return
             task = asyncio.ensure_future(self._command(frame.id, frame.command or {}))
-            if self._commands is None:
-                self._commands = set()
-            self._commands.add(task)
-            task.add_done_callback(self._commands.discard)
+            commands.add(task)
+            task.add_done_callback(commands.discard)
 
     async def _subscribe(self, topic: str, cursor: str | None, token: str | None, ref: Any) -> None:
         gateway = self.gateway
@@ -593,12 +696,18 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     """``/ws``: subscribe, unsubscribe, ping and commands as JSON text messages."""
     gateway = Gateway.of(websocket)
     try:
-        _check_capacity(gateway)
+        if not _origin_allowed(websocket, gateway.settings):
+            raise HTTPProblem(403, "this page's origin may not open Herald's WebSocket (see HERALD_CORS_ORIGINS)",
+                              kind="forbidden-origin")
+        seat = admit(gateway, websocket, _token(websocket))
     except HTTPProblem as exc:
-        # Refuse the handshake with the 503 problem an HTTP client gets; a close before accept is a bare 403.
+        # Refuse the handshake with the problem an HTTP client gets; a close before accept is a bare 403.
         await websocket.send_denial_response(problem_response(exc))
         return
-    await SocketSession(gateway, websocket).run()
+    try:
+        await SocketSession(gateway, websocket).run()
+    finally:  # after the close too: a socket that has not taken its close frame yet still holds its seat
+        gateway.admission.release(seat)
 
 
 routes = [
