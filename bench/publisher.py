@@ -125,6 +125,10 @@ async def _publisher(spec: dict[str, Any]) -> tuple[Publish, Callable[[], Awaita
     ticks = Ticks()
     if kind == "herald" and spec.get("via") == "http":
         return await _herald_http(spec, ticks)
+    if kind == "herald" and spec.get("via") == "mercure":
+        from bench.mercure import mercure_publisher
+
+        return await mercure_publisher(spec, ticks.encoded)
     if kind in ("herald", "naive"):
         pool = [await RawRedis.connect(spec["redis_url"]) for _ in range(int(spec.get("concurrency", 4)))]
         turn = itertools.cycle(pool)

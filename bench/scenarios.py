@@ -44,6 +44,7 @@ from bench.loadgen import (
     ws_messages,
     ws_request,
 )
+from bench.mercure import mercure_throughput
 from bench.servers import HOST, PYTHON, ROOT, SECRET, Target
 from bench.targets import TargetKind
 
@@ -567,7 +568,8 @@ async def open_receiving(kind: TargetKind, target: Target, topics: list[str], *,
     try:
         for topic in topics:
             path, headers = kind.publish_request(topic)
-            status, answer = await pool.post(path, warm_up, headers=headers)
+            body, content_type = kind.publish_body(topic, warm_up)
+            status, answer = await pool.post(path, body, content_type=content_type, headers=headers)
             if status not in (200, 201, 202):
                 raise RuntimeError(f"the warm-up publish to {topic} was answered {status}: {answer[:200]!r}")
     finally:
@@ -597,6 +599,12 @@ async def publish_throughput(kind: TargetKind, target: Target, *, events: int, b
     spec = publisher_spec(kind, target, mode="stream", via="http", topics=names, count=events, batch=per_request,
                           concurrency=topics, publish_key=SECRET, max_seconds=30)
     stats, cpu = await publish_and_wait(target, opened.group, spec, workdir, quiet=quiet)
+    return publish_figures(opened, stats, cpu, events=events, per_request=per_request)
+
+
+def publish_figures(opened: OpenResult, stats: dict[str, Any], cpu: float, *, events: int,
+                    per_request: int) -> dict[str, Any]:
+    """Scenario P's figures, once the publisher is done: rates, deliveries, latency, CPU by party."""
     found, _ = count_ticks(opened.subscribers)
     close_all(opened.subscribers)
     seconds = stats["seconds"]
@@ -666,4 +674,9 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
                         lambda k, t: publish_throughput(k, t, events=sizes.p_single_events, batch=1,
                                                         topics=sizes.p_topics, workdir=workdir_of(),
                                                         quiet=sizes.quiet_seconds), publishes=True))
+        out.append(Case("P", f"publish {sizes.p_single_events:,} updates through the Mercure hub, 1 per request "
+                             "(nchan: POST /pub)",
+                        lambda k, t: mercure_throughput(k, t, events=sizes.p_single_events, topics=sizes.p_topics,
+                                                        workdir=workdir_of(), quiet=sizes.quiet_seconds),
+                        publishes=True))
     return out

@@ -49,6 +49,10 @@ class TargetKind:
         """Scenario P: the path and headers of a request that publishes one event (its body) to ``topic``."""
         raise NotImplementedError
 
+    def publish_body(self, topic: str, event: bytes) -> tuple[bytes, str]:
+        """Scenario P: the body and content type of that request for one event's JSON (the JSON itself, here)."""
+        return event, "application/json"
+
     def command(self, room: str, seq: int) -> tuple[str, bytes]:
         """Scenario D: the path and body of one command for ``room``."""
         raise NotImplementedError
