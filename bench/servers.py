@@ -294,6 +294,10 @@ def start_herald(workdir: Path, redis: RedisServer, *, extra_env: dict[str, str]
            # every command of the load generator comes from one address, far faster than the anonymous
            # default of 20 per second per client lets one client send: the benchmark measures Herald, not it
            "HERALD_RATE_LIMIT": "0",
+           # and all its connections, many opened with one room's token: no cap per client or per token,
+           # none on long polls, no message rate on a WebSocket
+           "HERALD_MAX_CONNECTIONS_PER_CLIENT": "1000000", "HERALD_MAX_CONNECTIONS_PER_TOKEN": "1000000",
+           "HERALD_MAX_LONG_POLLS": "1000000", "HERALD_WS_RATE": "0",
            # scenario P publishes through POST /topics/{topic}/events as fast as it goes: no rate limit
            "HERALD_PUBLISH_JWT_SECRET": SECRET, "HERALD_PUBLISH_RATE": "0",
            # and through the Mercure hub (bench/mercure.py): the publisher signs with SECRET, subscribers are anonymous
