@@ -53,7 +53,7 @@ from herald.broker.base import BrokerError, StoredEvent
 from herald.http.fastwrite import ChunkWriter, take_chunk_writer
 from herald.http.gateway import Gateway
 from herald.http.problems import HTTPProblem, problem_response
-from herald.http.push import DisconnectWatch, _watch_task
+from herald.http.push import DisconnectWatch, _watch_task, admit
 from herald.http.security import _algorithms_for, _load_public_key
 from herald.hub import HEARTBEAT, Subscriber
 from herald.mercure import (
@@ -326,18 +326,18 @@ class MercureHub:
         return Response(update.id, media_type="text/plain")
 
     # Subscribe -------------------------------------------------------------------------------
-    def _claims(self, request: Request) -> Claims:
-        """The subscriber's claims: from its JWT (header, then query, then cookie), or anonymous if allowed."""
+    def _claims(self, request: Request) -> tuple[str | None, Claims]:
+        """The subscriber's JWT (header, then query, then cookie) and its claims; none and anonymous if allowed."""
         token = _bearer(request) or request.query_params.get("authorization") or request.cookies.get(COOKIE)
         if not token:
             if self.settings.mercure_anonymous:
-                return ANONYMOUS
+                return None, ANONYMOUS
             raise MercureError(401, "subscribe with a JWT (the mercureAuthorization cookie, Authorization: Bearer "
                                "or ?authorization=); this hub takes no anonymous subscribers", "unauthorized")
         if self.subscriber is None:
             raise MercureError(401, "this hub verifies no subscriber tokens: set HERALD_MERCURE_SUBSCRIBER_JWT_KEY",
                                "unauthorized")
-        return self.subscriber.claims(token)
+        return token, self.subscriber.claims(token)
 
     async def subscribe(self, scope: Scope, receive: Receive, send: Send) -> None:
         """``GET``: a Server-Sent Events stream of the updates the selectors choose, until the client leaves."""
@@ -352,8 +352,9 @@ class MercureHub:
                 raise MercureError(400, f"at most {self.settings.max_topics_per_connection} topic selectors",
                                    "too-many-topics")
             chosen = selectors(raw)
-            claims = self._claims(request)
-            _check_capacity(gateway)
+            token, claims = self._claims(request)
+            # counted as Herald's own streams are: in all, per client and per token (herald.http.admission)
+            seat = admit(gateway, request, token)
         except MercureError as exc:
             await problem_response(_problem(exc))(scope, receive, send)
             return
@@ -372,6 +373,7 @@ class MercureHub:
         except BaseException as exc:
             self.router.remove(sub)
             await hub.leave(sub)
+            gateway.admission.release(seat)
             if not isinstance(exc, BrokerError):
                 raise
             await problem_response(HTTPProblem(503, "the broker is unreachable", kind="broker-unavailable",
@@ -380,7 +382,10 @@ class MercureHub:
         sub.replay(FIREHOSE, missed)
         hub.expire_at(sub, claims.expires_at)
         sub.task = asyncio.current_task()
-        await self._stream(sub, last_id, scope, receive, send)
+        try:
+            await self._stream(sub, last_id, scope, receive, send)
+        finally:
+            gateway.admission.release(seat)
 
     async def _resume(self, sub: MercureSubscriber, requested: str | None) -> tuple[str, list[MercureFrame]]:
         """The response's ``Last-Event-ID`` and the updates to replay; sets where live updates start."""
@@ -524,13 +529,3 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise HTTPProblem(413, f"the body is larger than {limit} bytes", kind="body-too-large", max_body=limit)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _check_capacity(gateway: Gateway) -> None:
-    if not gateway.accepting:
-        raise HTTPProblem(503, "this gateway is shutting down; connect to another", kind="shutting-down",
-                          headers={"Retry-After": "1"})
-    if gateway.hub.connections >= gateway.settings.max_connections:
-        raise HTTPProblem(503, "this gateway holds as many connections as it is allowed",
-                          kind="too-many-connections", headers={"Retry-After": "5"})
-

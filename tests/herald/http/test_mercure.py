@@ -439,7 +439,22 @@ async def test_subscriptions_that_end_leave_nothing_behind(make_live: MakeLive) 
         assert one.response.status_code == two.response.status_code == 200
         assert router.subscriptions == 3
         assert live.gateway.hub.connections == 3  # the two, and the router that follows the hub's topic
-    await wait_until(lambda: router.subscriptions == 0 and live.gateway.hub.connections == 1)
+        assert live.gateway.admission.connections == 2
+    await wait_until(lambda: router.subscriptions == 0 and live.gateway.hub.connections == 1
+                     and live.gateway.admission.connections == 0)
+
+
+async def test_subscriptions_count_against_the_connection_caps_per_token_and_per_client(make_live: MakeLive) -> None:
+    live = await hub(make_live, max_connections_per_token=1, max_connections_per_client=2)
+    ann = token(SUBSCRIBER_KEY, subscribe=["*"])
+    async with subscribe(live, BOOK, authorization=ann) as first:
+        assert first.response.status_code == 200
+        async with subscribe(live, BOOK, authorization=ann) as again:
+            assert_problem(await _read(again), 429, "too-many-connections")
+        async with subscribe(live, BOOK) as anonymous:
+            assert anonymous.response.status_code == 200
+            async with subscribe(live, BOOK) as third:  # a third connection from this address
+                assert_problem(await _read(third), 429, "too-many-connections")
 
 
 async def test_resources_advertise_the_hub_with_a_link_header(make_live: MakeLive) -> None:
