@@ -280,8 +280,15 @@ def submit(args: argparse.Namespace) -> int:
 
 def _follow_operation(stream_url: str, operation_url: str, headers: dict[str, str]) -> int:
     topic = "operations/" + operation_url.rstrip("/").rsplit("/", 1)[-1]
+
+    def fresh_url() -> str:  # the operation hands out a new subscribe token with every read
+        reply = request("GET", operation_url + "?view=status", headers=headers)
+        if reply.status != 200 or not isinstance(reply.json(), dict):
+            return stream_url
+        return urljoin(operation_url, str(reply.json().get("subscribe_url", stream_url)))
+
     try:
-        for message in follow(stream_url, headers=headers, on_drop=_note_drop("submit")):
+        for message in follow(stream_url, headers=headers, on_drop=_note_drop("submit"), refresh=fresh_url):
             _print_message(topic, message)
             status = _terminal_status(message)
             if status is not None:

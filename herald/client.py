@@ -197,25 +197,33 @@ class Backoff:
 
 def follow(url: str, *, headers: Mapping[str, str] | None = None, cursor: str | None = None,
            on_drop: Callable[[str, float], None] | None = None, backoff: Backoff | None = None,
-           idle_timeout: float = IDLE_TIMEOUT) -> Iterator[Message]:
+           idle_timeout: float = IDLE_TIMEOUT, refresh: Callable[[], str] | None = None) -> Iterator[Message]:
     """Every message of the stream at ``url`` from after ``cursor``, across dropped connections.
 
     A connection that breaks, ends, times out or is answered ``5xx`` is opened again after a
     bounded backoff with ``Last-Event-ID``: the last id seen. ``on_drop(reason, delay)`` hears of
     each. Ends when the server answers ``204`` (nothing more will come); a ``4xx`` raises
-    :class:`StreamRefused`.
+    :class:`StreamRefused`, except a ``401`` when ``refresh`` is given: the subscribe token in
+    ``url`` expired (the server ends a stream when its token does), so ``refresh()`` gives a
+    fresh URL and the stream resumes from the same cursor — once per connection that got
+    anywhere, so a refresh that does not help still ends in the ``401``.
     """
     parser = SSEParser(last_event_id=cursor)
     backoff = backoff or Backoff()
+    refreshed = False
     while True:
         try:
             for message in open_stream(url, parser, headers=headers, idle_timeout=idle_timeout):
                 backoff.reset()
+                refreshed = False
                 yield message
             reason = "the server ended the stream"
         except StreamRefused as exc:
             if exc.reply.status == 204:
                 return
+            if exc.reply.status == 401 and refresh is not None and not refreshed:
+                url, refreshed = refresh(), True
+                continue
             if exc.reply.status < 500:
                 raise
             reason = f"HTTP {exc.reply.status}"

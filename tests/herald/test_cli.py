@@ -28,6 +28,7 @@ import websockets
 
 from herald.client import SSEParser
 from herald.loading import is_factory
+from herald.protocol import parse_cursor
 from herald.worker.targets import LoadError, load_worker_spec
 from tests.support.server import ROOT, TEST_SECRET, HeraldServer, free_port
 from tests.support.sse import sse_connect
@@ -41,6 +42,8 @@ DOMAIN_SOURCE = '''\
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+import asyncio
 
 from herald import Context, Domain, Gateway
 
@@ -61,6 +64,19 @@ async def confirm(ctx: Context) -> None:
     order = {"id": ctx.operation_id, **ctx.data}
     ctx.stage("OrderConfirmed", order, topics=[f"orders/{ctx.operation_id}", "orders/feed"])
     await ctx.succeed(order, location=f"/orders/{ctx.operation_id}")
+
+
+@orders.command("POST", "/slow-orders", event="SlowOrderPlaced",
+                schema={"type": "object", "properties": {"seconds": {"type": "number", "maximum": 10}}})
+def place_slowly(params: dict, body: dict) -> dict:
+    return body
+
+
+@orders.handler("SlowOrderPlaced")
+async def confirm_slowly(ctx: Context) -> None:
+    await ctx.progress({"sleeping": ctx.data["seconds"]})
+    await asyncio.sleep(ctx.data["seconds"])
+    await ctx.succeed({"slept": ctx.data["seconds"]}, location=f"/orders/{ctx.operation_id}")
 
 
 @orders.route("GET", "/orders/{id}")
@@ -112,9 +128,8 @@ def json_lines(text: str) -> list[Any]:
 
 
 def cursor_key(cursor: str) -> tuple[int, int]:
-    """A cursor as numbers, to compare positions."""
-    ms, _, seq = cursor.partition("-")
-    return int(ms), int(seq)
+    """A cursor's position as numbers (its epoch aside), to compare positions."""
+    return parse_cursor(cursor)
 
 
 def serve_domain(domain_path: Path, port: int | None = None, **env: str) -> HeraldServer:
@@ -268,7 +283,7 @@ def test_check_passes_with_a_reachable_redis(domain_path: Path, redis_url: str) 
                clean_env(domain_path, REDIS_URL=redis_url, HERALD_SECRET=TEST_SECRET))
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == [
-        "ok settings", f"ok domain {DOMAIN} (1 commands, 1 handlers)", f"ok broker {redis_url}",
+        "ok settings", f"ok domain {DOMAIN} (2 commands, 2 handlers)", f"ok broker {redis_url}",
     ]
 
 
@@ -310,6 +325,18 @@ def test_submit_follow_prints_the_operation_and_its_events_to_the_end(domain_pat
                        "--idempotency-key", "cli-follow-1"), clean_env(domain_path))
     assert again.returncode == 0
     assert json_lines(again.stdout)[0]["id"] == body["id"]
+
+
+def test_submit_follow_outlives_its_subscribe_token(domain_path: Path) -> None:
+    """The stream ends when its token expires; submit fetches a fresh URL from the operation and resumes."""
+    with serve_domain(domain_path, HERALD_TOKEN_TTL="1") as server:
+        done = run(herald("submit", "POST", "/slow-orders", '{"seconds": 3}', "--url", server.url, "--follow"),
+                   clean_env(domain_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    body, *events = json_lines(done.stdout)
+    types = [e["event"]["type"] for e in events]
+    assert types == ["herald.operation.running", "herald.operation.progress", "herald.operation.succeeded"]
+    assert events[-1]["event"]["data"]["result"] == {"slept": 3}
 
 
 def test_submit_prints_the_problem_of_a_refused_command_and_exits_2(domain_path: Path,
