@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl
@@ -103,7 +103,7 @@ class Selector:
     """One topic selector: ``*``, a URI Template, or a plain string that matches only itself."""
 
     source: str
-    template: Template | None
+    template: Template | None = field(compare=False)  # made from the source: two selectors are equal by it
 
     @property
     def everything(self) -> bool:

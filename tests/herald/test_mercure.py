@@ -13,6 +13,7 @@ from herald.mercure import (
     Claims,
     MercureError,
     MercureFrame,
+    Selector,
     Update,
     new_update_id,
     parse_publish_form,
@@ -20,6 +21,7 @@ from herald.mercure import (
     selectors,
 )
 from herald.protocol import Frame, ProtocolError, validate_topic
+from herald.uritemplate import Template
 
 
 def parse(body: bytes, max_topics: int = 8) -> Update:
@@ -136,6 +138,8 @@ def test_selectors_match_as_the_draft_says() -> None:
     assert not selector("https://example.com/{broken").matches("https://example.com/x")
     assert selectors(["a", "b", "a"]) == (selector("a"), selector("b"))
     assert selector("x") is selector("x")  # compiled once, shared
+    assert Selector("https://example.com/{id}", Template("https://example.com/{id}")) == selector(
+        "https://example.com/{id}")  # equal by their source (the router indexes subscriptions by selector)
 
 
 def test_publish_claims_must_cover_every_topic_of_an_update() -> None:
