@@ -17,6 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import orjson
 from starlette.applications import Starlette
@@ -32,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from herald.auth import TokenSigner
 from herald.broker import create_broker
 from herald.domain import Catalog, Domain
-from herald.http import operations, push, security
+from herald.http import callback, operations, push, security
 from herald.http.access import TopicAccess
 from herald.http.asyncapi import build_asyncapi
 from herald.http.commands import CommandRouter
@@ -47,6 +48,9 @@ from herald.logs import configure_logging
 from herald.metrics import CONTENT_TYPE_LATEST, Metrics
 from herald.settings import Settings
 from herald.worker import Worker, worker_options
+
+if TYPE_CHECKING:
+    from herald.proxy.pool import UpstreamPool
 
 log = logging.getLogger("herald.app")
 GC_THRESHOLDS = (50_000, 20, 100)
@@ -150,6 +154,20 @@ async def herald_js(request: Request) -> Response:
     return response
 
 
+def _upstream_pool(settings: Settings, catalog: Catalog) -> UpstreamPool:
+    """The gateway's connections to the upstreams of proxied read routes and cancels.
+
+    With the embedded worker running proxied commands, the settings must say where upstreams call
+    back: checked here, so ``herald serve`` stops with the message rather than the worker failing later.
+    """
+    from herald.proxy.forward import callback_base
+    from herald.proxy.pool import UpstreamPool
+
+    if settings.embedded_worker and catalog.proxies:
+        callback_base(settings)
+    return UpstreamPool(default_limit=settings.proxy_concurrency, max_response=settings.proxy_max_response)
+
+
 def create_app(
     settings: Settings | None = None,
     domains: Iterable[Domain] = (),
@@ -177,6 +195,8 @@ def create_app(
         router.add(command)
     gateway.catalog = catalog
     gateway.commands = router
+    if catalog.proxies or any(domain.proxy_routes for domain in catalog.domains):
+        gateway.upstreams = _upstream_pool(settings, catalog)
     gateway.access = TopicAccess(catalog, gateway.signer, subjects=settings.auth_enabled)
     publishing = PublishAuth.from_settings(settings).route()  # POST /topics/{topic}/events, with its own tokens
     openapi = orjson.dumps(build_openapi(catalog))
@@ -192,7 +212,7 @@ def create_app(
         worker = None
         if settings.embedded_worker and catalog.handlers:
             # poll bounds how long stop() waits for the blocking consume: short, so shutdown is prompt
-            worker = Worker(broker, catalog.handlers, name="embedded", poll=0.1,
+            worker = Worker(broker, catalog.handlers, name="embedded", poll=0.1, settings=settings,
                             **worker_options(settings))
             worker_task = asyncio.create_task(worker.run(), name="embedded-worker")
         log.info("herald ready", extra={"broker": "redis" if settings.redis_url else "memory",
@@ -206,6 +226,8 @@ def create_app(
             if worker is not None and worker_task is not None:
                 worker.stop()
                 await asyncio.wait([worker_task], timeout=settings.worker_grace + 1)
+            if gateway.upstreams is not None:
+                await gateway.upstreams.aclose()
             await broker.close()
             gc.set_threshold(*gc_default)
 
@@ -227,6 +249,7 @@ def create_app(
         Route("/metrics", metrics_text, methods=["GET"]),
         *router.routes(),
         *operations.routes,
+        *callback.routes,
         *push.routes,
         publishing,
         *(route for domain in catalog.domains for route in domain.routes),
@@ -253,7 +276,7 @@ def create_app(
             open_routes=[*push.routes, *security.routes],
             protected_reads=[*operations.routes,
                              *(r for d in catalog.domains for r in d.routes if id(r) not in public)],
-            own_auth=[publishing],
+            own_auth=[publishing, *callback.routes],
         )
         middleware.append(Middleware(security.BearerAuthMiddleware, verifier=verifier, rules=rules))
     middleware.append(Middleware(push.PushMiddleware))  # innermost: streams and sockets skip the router's layers

@@ -4,8 +4,10 @@
 
     herald serve --domain pkg.mod:orders [--domain …] [--host H] [--port N] [--redis-url URL] [--static DIR]
     herald serve --app pkg.mod:create_app          # an app built with herald.create_app, or a factory of one
+    herald serve --config herald.toml              # commands forwarded to upstream HTTP services (docs/proxy.md)
     herald worker pkg.mod:orders [--burst] [--concurrency N]
-    herald check [--domain …|--app …] [--redis-url URL]
+    herald worker --config herald.toml             # the workers that forward those commands
+    herald check [--domain …|--app …|--config …] [--redis-url URL]
     herald submit POST /orders '{"item": "tea", "qty": 2}' [--url URL] [--follow]
     herald tail orders/42 --token T [--cursor C] [--max-events N]
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import importlib.util
 import logging
@@ -52,7 +55,10 @@ from herald.http.fastwrite import HttpToolsProtocol
 from herald.loading import LoadError, load_app, load_domains
 from herald.logs import configure_logging
 from herald.protocol import STATUS_EVENT_PREFIX
+from herald.proxy.config import ConfigError as ProxyConfigError
+from herald.proxy.config import load_config
 from herald.settings import Settings, SettingsError
+from herald.worker import WorkerSettings
 from herald.worker.__main__ import add_arguments, run_loop, work
 
 DEFAULT_PORT = 8000
@@ -66,7 +72,7 @@ GRACEFUL_SHUTDOWN = 10
 CHECK_TIMEOUT = 5.0
 """Seconds ``check`` waits for the broker."""
 
-ConfigError = (LoadError, SettingsError, DomainError)
+ConfigError = (LoadError, SettingsError, DomainError, ProxyConfigError)
 """What a wrong command line or environment raises: reported in one line, exit status 2."""
 
 
@@ -108,7 +114,7 @@ def serve(args: argparse.Namespace) -> int:
         settings = load_settings(args)
         port = args.port if args.port is not None else _port_from_env()
         log_level = _log_level(settings)
-        app = build_app(args, settings)
+        app = build_app(args, with_callback_url(settings, args.host, port))
     except (*ConfigError, UsageError) as exc:
         return fail("serve", exc)
     config = uvicorn.Config(app, **server_options(args, settings, port=port, log_level=log_level))
@@ -122,12 +128,27 @@ def build_app(args: argparse.Namespace, settings: Settings) -> Callable[..., Any
     """The app ``serve`` runs: ``create_app`` over the ``--domain`` targets, or the ``--app`` one."""
     if args.app is not None:
         if args.static is not None:
-            raise UsageError("--static goes with --domain; an --app serves what it was built with")
+            raise UsageError("--static goes with --domain or --config; an --app serves what it was built with")
         return load_app(args.app, settings, settings_required=bool(args.redis_url))
-    domains = [domain for path in args.domain for domain in load_domains(path)]
+    if args.config is not None:
+        domains = [load_config(args.config)]
+    else:
+        domains = [domain for path in args.domain for domain in load_domains(path)]
     if args.static is not None and not Path(args.static).is_dir():
         raise UsageError(f"--static {args.static}: no such directory")
     return create_app(settings, domains=domains, static=args.static)
+
+
+def with_callback_url(settings: Settings, host: str, port: int) -> Settings:
+    """``settings`` with this server as ``HERALD_CALLBACK_URL`` when neither it nor ``HERALD_PUBLIC_URL`` is set.
+
+    For the embedded worker only: it forwards proxied commands from this very process, so upstreams call
+    back where it listens. Workers of their own (with Redis) need the variable set.
+    """
+    if settings.callback_url or settings.public_url or not settings.embedded_worker:
+        return settings
+    shown = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, f"[{host}]" if ":" in host else host)
+    return dataclasses.replace(settings, callback_url=f"http://{shown}:{port}")
 
 
 def server_options(args: argparse.Namespace, settings: Settings, *, port: int, log_level: int) -> dict[str, Any]:
@@ -170,8 +191,17 @@ def _log_level(settings: Settings) -> int:
 # worker ------------------------------------------------------------------------------
 
 def worker(args: argparse.Namespace) -> int:
-    """``herald worker``: the worker of :mod:`herald.worker.__main__`."""
-    return run_loop(work(args))
+    """``herald worker``: the worker of :mod:`herald.worker.__main__`, or of a proxy config file's commands."""
+    if args.config is None:
+        return run_loop(work(args))
+    if args.target is not None:
+        return fail("worker", "give a target or --config, not both")
+    try:
+        domain = load_config(args.config)
+    except ProxyConfigError as exc:
+        return fail("worker", exc)
+    spec = type("ConfigWorkerSettings", (WorkerSettings,), {"handlers": domain.handlers})
+    return run_loop(work(args, spec))
 
 
 # check -------------------------------------------------------------------------------
@@ -188,6 +218,8 @@ def check(args: argparse.Namespace) -> int:
     passed = True
     for path in args.domain or ():
         passed &= _report(f"domain {path}", functools.partial(_check_domains, path))
+    if args.config is not None:
+        passed &= _report(f"config {args.config}", functools.partial(_check_config, args.config))
     if args.app is not None:
         passed &= _report(f"app {args.app}", functools.partial(_check_app, args, settings))
     configure_logging("error")  # the broker's own warnings would repeat what its line says
@@ -209,6 +241,11 @@ def _report(what: str, attempt: Callable[[], str]) -> bool:
 def _check_domains(path: str) -> str:
     catalog = Catalog.of(load_domains(path))
     return f" ({len(catalog.commands)} commands, {len(catalog.handlers)} handlers)"
+
+
+def _check_config(path: str) -> str:
+    domain = load_config(path)
+    return f" ({len(domain.commands)} commands, {len(domain.proxy_routes)} routes, {len(domain.topics)} topics)"
 
 
 def _check_app(args: argparse.Namespace, settings: Settings) -> str:
@@ -435,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Run the handlers of a herald.Domain (or of a settings class) against "
                                         "the broker of REDIS_URL until SIGTERM; --burst exits once no work is left.")
     add_arguments(p)
+    p.add_argument("--config", metavar="FILE", help="forward the commands of a proxy config file (herald.toml)")
     p.set_defaults(run=worker)
 
     p = commands.add_parser("check", help="check the settings, the targets and the broker")
@@ -475,6 +513,8 @@ def _add_targets(group: argparse._MutuallyExclusiveGroup) -> None:
                        help="a herald.Domain (or a list of them) to serve; repeatable")
     group.add_argument("--app", metavar="MODULE:ATTR",
                        help="an ASGI app, or a factory of one (called; given settings= if it takes them)")
+    group.add_argument("--config", metavar="FILE",
+                       help="a proxy config file (herald.toml): commands forwarded to upstream HTTP services")
 
 
 def _add_url(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,10 @@ A domain is what a team writes to put Herald in front of its own work::
     async def confirm(ctx: Context) -> None:
         ...
 
+A command can also be forwarded to an upstream HTTP service instead of a Python handler
+(``orders.proxy("POST", "/orders", event="OrderPlaced", upstream="http://orders:9000/orders")``,
+see :mod:`herald.proxy`), and a read route answered by one (``orders.proxy_route``).
+
 ``create_app(settings, domains=[orders])`` serves its commands and read routes; ``herald worker
 mypkg.orders:orders`` (or the embedded worker) runs its handlers. The command schema is the one
 source of validation, of ``/openapi.json`` and of ``/asyncapi.json``. Declaring is pure: nothing
@@ -28,6 +32,7 @@ from typing import Any, Literal
 
 from starlette.routing import BaseRoute, Route
 
+from herald.proxy.spec import Backoff, ProxyCommand, ProxyRoute, ProxySpecError
 from herald.schema import Validator, compile_schema
 from herald.worker import Handler
 
@@ -129,6 +134,10 @@ class Domain:
         self.handlers: dict[str, Handler] = {}
         self.topics: list[TopicRule] = []
         self.events: dict[str, EventType] = {}
+        self.proxies: dict[str, ProxyCommand] = {}
+        """The proxied commands, by event type (the gateway forwards their cancels)."""
+        self.proxy_routes: list[ProxyRoute] = []
+        """The read routes answered by an upstream."""
 
     def __repr__(self) -> str:
         return f"Domain({self.name!r}: {len(self.commands)} commands, {len(self.handlers)} handlers)"
@@ -155,7 +164,7 @@ class Domain:
             raise DomainError(f"{method} {path}: commands are one of {COMMAND_METHODS}")
         if not path.startswith("/"):
             raise DomainError(f"{path!r}: a command path starts with '/'")
-        _check_event_type(event)
+        check_event_type(event)
         validate = compile_schema(schema) if schema is not None else None
 
         def register(fn: CommandFunction) -> CommandFunction:
@@ -169,9 +178,61 @@ class Domain:
 
         return register
 
+    def proxy(
+        self,
+        method: str,
+        path: str,
+        *,
+        event: str,
+        upstream: str,
+        timeout: float = 10.0,
+        attempts: int = 5,
+        backoff: Backoff | None = None,
+        schema: dict[str, Any] | None = None,
+        summary: str = "",
+        subject: str | None = None,
+        cancel: str | None = None,
+        concurrency: int | None = None,
+        topics: Iterable[str] = (),
+    ) -> ProxyCommand:
+        """Declare ``method path`` as a command that a worker forwards to ``upstream`` (see :mod:`herald.proxy`).
+
+        Registers the command (its body, valid against ``schema``, is the request event's data) and
+        its handler. ``upstream`` and ``cancel`` are URL templates, and ``topics`` topic templates,
+        filled with the path parameters and ``{operation_id}``; ``timeout`` is seconds per attempt,
+        ``attempts`` tries in all; ``concurrency`` bounds the requests in flight to the upstream's origin.
+        """
+        from herald.proxy.forward import ProxyHandler  # httpx is imported only by domains that proxy
+
+        try:
+            spec = ProxyCommand(method.upper(), path, event, upstream, timeout=timeout, attempts=attempts,
+                                backoff=backoff or Backoff(), cancel=cancel, concurrency=concurrency,
+                                topics=tuple(topics))
+        except ProxySpecError as exc:
+            raise DomainError(f"{method.upper()} {path}: {exc}") from None
+        if event in self.handlers:
+            raise DomainError(f"{event} has two handlers in domain {self.name!r}")
+        self.command(method, path, event=event, schema=schema, summary=summary or f"Forwarded to {upstream}",
+                     subject=subject)(_request_data)
+        self.handler(event)(ProxyHandler(spec))
+        self.proxies[event] = spec
+        return spec
+
+    def proxy_route(self, path: str, upstream: str, *, timeout: float = 10.0, public: bool = False) -> ProxyRoute:
+        """Declare a read route answered by a ``GET`` on ``upstream`` (a URL template of the path parameters)."""
+        from herald.http.proxy import reverse_proxy  # the gateway's side: Starlette and httpx
+
+        try:
+            spec = ProxyRoute(path, upstream, timeout=timeout, public=public)
+        except ProxySpecError as exc:
+            raise DomainError(f"GET {path}: {exc}") from None
+        self.route("GET", path, name=f"proxy:{path}", public=public)(reverse_proxy(spec))
+        self.proxy_routes.append(spec)
+        return spec
+
     def handler(self, event_type: str) -> Callable[[Handler], Handler]:
         """Declare the worker handler of request events of ``event_type``."""
-        _check_event_type(event_type)
+        check_event_type(event_type)
 
         def register(fn: Handler) -> Handler:
             if event_type in self.handlers:
@@ -209,7 +270,7 @@ class Domain:
         self, type: str, *, schema: dict[str, Any] | None = None, summary: str = "", topics: Iterable[str] = ()
     ) -> EventType:
         """Declare an event type this domain publishes (a response event), with its data's schema."""
-        _check_event_type(type)
+        check_event_type(type)
         if schema is not None:
             compile_schema(schema)  # a broken schema fails here, not in a client's code generator
         declared = EventType(type, schema, summary, tuple(topics))
@@ -217,7 +278,13 @@ class Domain:
         return declared
 
 
-def _check_event_type(event_type: str) -> None:
+def _request_data(params: dict[str, str], body: Any) -> Any:
+    """A proxied command's request event data: its validated body, as the upstream receives it."""
+    return body
+
+
+def check_event_type(event_type: str) -> None:
+    """:class:`DomainError` unless ``event_type`` is a usable name for a domain's event type."""
     if not _EVENT_TYPE.fullmatch(event_type) or event_type.startswith("herald."):
         raise DomainError(f"{event_type!r} is not a usable event type (letters, digits, '.', '_', '-'; "
                           "'herald.' is Herald's own)")
@@ -232,6 +299,8 @@ class Catalog:
     handlers: dict[str, Handler]
     topics: tuple[TopicRule, ...]
     events: dict[str, EventType]
+    proxies: dict[str, ProxyCommand] = field(default_factory=dict)
+    """The proxied commands of every domain, by event type."""
 
     @classmethod
     def of(cls, domains: Iterable[Domain]) -> Catalog:
@@ -255,7 +324,8 @@ class Catalog:
                     raise DomainError(f"event type {event_type} is declared by two domains")
                 events[event_type] = declared
         return cls(domains, tuple(c for d in domains for c in d.commands), handlers,
-                   tuple(t for d in domains for t in d.topics), events)
+                   tuple(t for d in domains for t in d.topics), events,
+                   {event: spec for d in domains for event, spec in d.proxies.items()})
 
     def topic_rule(self, topic: str) -> TopicRule | None:
         """The first declared rule matching ``topic``."""

@@ -184,6 +184,15 @@ class Settings:
     mercure_cors_origins: tuple[str, ...] = _env("HERALD_MERCURE_CORS_ORIGINS", ())
     """``HERALD_MERCURE_CORS_ORIGINS``: comma-separated origins whose pages may subscribe (with the cookie)."""
 
+    # Command proxy (herald.proxy)
+    callback_url: str = _env("HERALD_CALLBACK_URL", "")
+    """``HERALD_CALLBACK_URL``: the gateway's absolute URL as upstreams reach it, for ``Herald-Callback``; empty =
+    ``HERALD_PUBLIC_URL``."""
+    proxy_concurrency: int = _env("HERALD_PROXY_CONCURRENCY", 64, minimum=1)
+    """``HERALD_PROXY_CONCURRENCY``: requests in flight to one upstream origin per process, unless a command says."""
+    proxy_max_response: int = _env("HERALD_PROXY_MAX_RESPONSE", 1048576, minimum=1024)
+    """``HERALD_PROXY_MAX_RESPONSE`` bytes read of an upstream's answer (longer fails the operation)."""
+
     @property
     def auth_enabled(self) -> bool:
         """Whether commands need a bearer token."""
@@ -241,6 +250,8 @@ class Settings:
                 raise SettingsError(f"{name} must be at least {MIN_SECRET} bytes (e.g. `openssl rand -hex 32`)")
         if "public_url" in values:
             values["public_url"] = values["public_url"].rstrip("/")
+        if "callback_url" in values:
+            values["callback_url"] = values["callback_url"].rstrip("/")
         if "log_level" in values:
             values["log_level"] = values["log_level"].lower()
         return cls(**values)

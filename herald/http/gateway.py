@@ -26,6 +26,7 @@ from herald.settings import Settings
 if TYPE_CHECKING:
     from herald.http.access import TopicAccess
     from herald.http.commands import CommandRouter
+    from herald.proxy.pool import UpstreamPool
 
 
 @dataclass(slots=True)
@@ -43,6 +44,8 @@ class Gateway:
     access: TopicAccess | None = None
     admission: Admission = field(default_factory=Admission)
     """The push connections and long polls held now, against their caps (:mod:`herald.http.admission`)."""
+    upstreams: UpstreamPool | None = None
+    """Connections to the command proxy's upstreams, when a domain proxies (read routes, cancels)."""
 
     @classmethod
     def of(cls, conn: HTTPConnection) -> Gateway:

@@ -4,6 +4,10 @@ The 303 rule: ``GET /operations/{id}`` of an operation that succeeded and create
 resource answers ``303 See Other`` to that resource (with the status document as the
 body, for clients that do not follow). ``GET /operations/{id}?view=status`` always
 answers ``200`` with the status document, whatever the status.
+
+``DELETE`` answers ``202`` with the operation once its cancel flag is set; a proxied operation's
+cancel is forwarded to its upstream too (:func:`herald.http.proxy.forward_cancel`), and when the
+upstream stopped at once the operation has ended: ``200``, ``canceled``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from herald.http.commands import RETRY_AFTER, long_poll
 from herald.http.gateway import Gateway
 from herald.http.problems import HTTPProblem
 from herald.logs import bind_correlation_id
-from herald.operations import IllegalTransition, Operation
+from herald.operations import IllegalTransition, Operation, Status
 
 _OP_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
@@ -106,7 +110,14 @@ async def delete_operation(request: Request) -> Response:
     except BrokerError as exc:
         raise HTTPProblem(503, "the broker is unreachable", kind="broker-unavailable",
                           headers={"Retry-After": "2"}) from exc
+    proxied = gateway.catalog.proxies.get(op.type)
+    if proxied is not None and op.status is Status.RUNNING:
+        from herald.http.proxy import forward_cancel  # httpx is imported only by gateways that proxy
+
+        op = await forward_cancel(gateway, proxied, op)
     body = gateway.operation_body(request, op, subject=request.scope.get("herald.subject"))
+    if op.status.terminal:
+        return Response(orjson.dumps(body), headers={"ETag": op.etag}, media_type="application/json")
     return Response(orjson.dumps(body), status_code=202, headers={"Retry-After": RETRY_AFTER, "ETag": op.etag},
                     media_type="application/json")
 

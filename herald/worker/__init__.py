@@ -25,16 +25,25 @@ handler that returns without finishing succeeds with its return value as the res
 A request whose operation asked to be cancelled ends as ``canceled`` without running (the
 flag is checked as of the atomic move to ``running``, so a handler need not check it first),
 and a handler can ask :meth:`Context.cancel_requested` at its own checkpoints.
+
+A handler whose work goes on elsewhere (the command proxy's upstream that answered ``202``) calls
+:meth:`Context.hand_off`: the request is acknowledged and the operation stays ``running`` until
+something else ends it. A handler that needs this process's settings or resources held for the
+worker's run (an HTTP connection pool) is :class:`Bindable`: the worker binds it as it starts and
+runs what that returns; a bound handler with a ``max_attempts`` attribute has its own limit of
+deliveries instead of the worker's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from herald.broker.base import Broker, BrokerError, Delivery, OperationNotFound
 from herald.events import Event, build_event
@@ -167,6 +176,29 @@ class Context:
         """End the operation as ``failed`` with an RFC 9457 problem."""
         return await self._finish(Status.FAILED, error=problem(type, title, status, detail))
 
+    async def fail_problem(self, document: dict[str, Any]) -> Operation:
+        """End the operation as ``failed`` with ``document``, a whole problem as it is (an upstream's own)."""
+        return await self._finish(Status.FAILED, error=document)
+
+    async def hand_off(self) -> None:
+        """Acknowledge the request and leave the operation ``running``: something else will end it.
+
+        For work that goes on outside this worker, such as an upstream that answered ``202`` and reports
+        through the callback API. Staged events are published first; a crash before this call gets the
+        request redelivered, as for any handler.
+        """
+        if self.finished:
+            raise RuntimeError("the operation has ended already")
+        if self._staged:
+            await self.broker.publish_many(self._staged)
+            self._staged = []
+        if self.delivery is not None:
+            if self._on_settle is not None:
+                self._on_settle(self.delivery)
+            await self.broker.ack(self.delivery)
+        self.acked = self.acked or self.delivery is not None
+        self.finished = True
+
     async def cancel_requested(self) -> bool:
         """Whether the client asked to cancel (reads the stored operation)."""
         current = await self.broker.get_operation(self.operation.id)
@@ -203,6 +235,26 @@ class Context:
 Handler = Callable[[Context], Awaitable[Any]]
 
 
+@dataclass(slots=True)
+class WorkerRun:
+    """What one run of a :class:`Worker` lends the :class:`Bindable` handlers it binds."""
+
+    settings: Settings
+    stack: contextlib.AsyncExitStack
+    """Closed when the run ends: a bound handler pushes what it must release (``stack.push_async_callback``)."""
+    shared: dict[str, Any] = field(default_factory=dict)
+    """One per run, for what several handlers share (the command proxy's connection pool per upstream)."""
+
+
+@runtime_checkable
+class Bindable(Protocol):
+    """A handler that is bound to a worker's run before it handles anything (see the module docstring)."""
+
+    def bind(self, run: WorkerRun) -> Handler:
+        """The handler to run for this worker run; may raise ``SettingsError`` if the settings cannot serve it."""
+        ...
+
+
 class Worker:
     """Runs handlers for request events taken from a broker."""
 
@@ -218,11 +270,15 @@ class Worker:
         # Timeouts
         poll: float = 1.0,
         shutdown_grace: float = 10.0,
+        settings: Settings | None = None,
     ) -> None:
         if not handlers:
             raise ValueError("a worker needs at least one handler")
         self.broker = broker
         self.handlers = dict(handlers)
+        self.settings = settings
+        """What :class:`Bindable` handlers are bound with (default: read from the environment when one needs it)."""
+        self._bound: dict[str, Handler] = dict(handlers)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.concurrency = concurrency
         self.max_attempts = max_attempts
@@ -242,6 +298,17 @@ class Worker:
 
     async def run(self, *, burst: bool = False) -> None:
         """Consume until :meth:`stop` (or, with ``burst``, until no work is left)."""
+        async with contextlib.AsyncExitStack() as stack:
+            self._bind(stack)
+            await self._run(burst)
+
+    def _bind(self, stack: contextlib.AsyncExitStack) -> None:
+        if not any(isinstance(h, Bindable) for h in self.handlers.values()):
+            return
+        run = WorkerRun(self.settings or Settings.from_env(), stack)
+        self._bound = {t: h.bind(run) if isinstance(h, Bindable) else h for t, h in self.handlers.items()}
+
+    async def _run(self, burst: bool) -> None:
         types = list(self.handlers)
         leases = asyncio.create_task(self._keep_leases(), name="worker-leases")
         try:
@@ -357,7 +424,8 @@ class Worker:
             return "ack"  # expired, or a repeat delivery of finished work
         if operation.cancel_requested:
             return await self._end_unrun(delivery, operation, Status.CANCELED)
-        if operation.attempts >= self.max_attempts:
+        handler = self._bound[event.type]
+        if operation.attempts >= (getattr(handler, "max_attempts", None) or self.max_attempts):
             return await self._end_unrun(
                 delivery,
                 operation,
@@ -380,7 +448,6 @@ class Worker:
             # still refuse to run, so a handler need not re-read the operation before it starts
             return await self._end_unrun(delivery, operation, Status.CANCELED)
         ctx = Context(self.broker, event, operation, source=self.source, delivery=delivery, on_settle=self._let_go)
-        handler = self.handlers[event.type]
         try:
             result = await handler(ctx)
             if not ctx.finished:

@@ -20,7 +20,7 @@ from typing import Any
 from herald.broker import create_broker
 from herald.logs import configure_logging
 from herald.settings import Settings, SettingsError
-from herald.worker import Worker, worker_options
+from herald.worker import Worker, WorkerSettings, worker_options
 from herald.worker.targets import LoadError, load_worker_spec
 
 DESCRIPTION = __doc__.splitlines()[0]
@@ -28,14 +28,19 @@ DESCRIPTION = __doc__.splitlines()[0]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The worker's arguments, shared by ``python -m herald.worker`` and ``herald worker``."""
-    parser.add_argument("target", help="module:domain (a herald.Domain) or module:Class (a settings class)")
+    parser.add_argument("target", nargs="?",
+                        help="module:domain (a herald.Domain) or module:Class (a settings class)")
     parser.add_argument("--burst", action="store_true", help="exit when no work is left")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="jobs at once (default: HERALD_WORKER_CONCURRENCY)")
 
 
-async def work(args: argparse.Namespace) -> int:
-    """Build the worker the parsed ``args`` describe and run it until stopped; the exit status."""
+async def work(args: argparse.Namespace, spec: type[WorkerSettings] | None = None) -> int:
+    """Build the worker the parsed ``args`` describe and run it until stopped; the exit status.
+
+    ``spec``: the handlers and limits to run instead of those of ``args.target`` (``herald worker --config``
+    reads a proxy config file into them).
+    """
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
@@ -46,17 +51,22 @@ async def work(args: argparse.Namespace) -> int:
         print("herald worker needs REDIS_URL: the embedded broker lives inside the gateway process",
               file=sys.stderr)
         return 2
-    try:
-        spec = load_worker_spec(args.target)
-    except LoadError as exc:
-        print(f"herald worker: {exc}", file=sys.stderr)
-        return 2
+    if spec is None:
+        if not args.target:
+            print("herald worker: name a target (module:domain or module:Class)", file=sys.stderr)
+            return 2
+        try:
+            spec = load_worker_spec(args.target)
+        except LoadError as exc:
+            print(f"herald worker: {exc}", file=sys.stderr)
+            return 2
     if not spec.handlers:
-        print(f"herald worker: {args.target} declares no handlers", file=sys.stderr)
+        print(f"herald worker: {args.target or 'the configuration'} declares no handlers", file=sys.stderr)
         return 2
     broker = create_broker(settings.redis_url, **settings.broker_options())
     await broker.start()
-    worker = Worker(broker, spec.handlers, **worker_options(settings, spec, concurrency=args.concurrency))
+    worker = Worker(broker, spec.handlers, settings=settings,
+                    **worker_options(settings, spec, concurrency=args.concurrency))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
@@ -65,6 +75,9 @@ async def work(args: argparse.Namespace) -> int:
     )
     try:
         await worker.run(burst=args.burst)
+    except SettingsError as exc:  # a handler the settings cannot serve (the proxy without a callback URL)
+        print(f"herald worker: {exc}", file=sys.stderr)
+        return 2
     finally:
         await broker.close()
     return 0

@@ -48,7 +48,7 @@ class HeraldServer:
     ) -> None:
         self.port = port or free_port()
         self.target = tuple(target)
-        """What ``herald serve`` serves: ``--app module:attr`` or ``--domain module:attr`` (repeatable)."""
+        """What ``herald serve`` serves: ``--app module:attr``, ``--domain module:attr`` (repeatable), ``--config``."""
         # HERALD_RATE_LIMIT=0: a test's requests all come from one address, faster than any client would
         # send them; the anonymous default limit has its own test (tests/herald/hardening/test_defaults.py),
         # and a test gets the default back with HERALD_RATE_LIMIT="" (empty means the default).

@@ -91,7 +91,7 @@ class WorkerProcess:
     def __init__(
         self,
         env: Mapping[str, str],
-        settings: str = "app.chat:chat",
+        settings: str | tuple[str, ...] = "app.chat:chat",
         *,
         concurrency: int = 4,
         # Timeouts
@@ -100,6 +100,7 @@ class WorkerProcess:
     ) -> None:
         self.env = dict(env)
         self.settings = settings
+        """A target for ``python -m herald.worker``, or the arguments of ``herald worker`` (``("--config", path)``)."""
         self.concurrency = concurrency
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -132,7 +133,9 @@ class WorkerProcess:
         """Start it and wait for its "started" log line (it has then connected its broker)."""
         if self.alive:
             raise RuntimeError("worker already running")
-        command = [sys.executable, "-m", "herald.worker", self.settings, "--concurrency", str(self.concurrency)]
+        target = ["herald.worker", self.settings] if isinstance(self.settings, str) else ["herald", "worker",
+                                                                                           *self.settings]
+        command = [sys.executable, "-m", *target, "--concurrency", str(self.concurrency)]
         env = {**_clean_environ(), **self.env, "HERALD_LOG_LEVEL": "info"}  # start() waits for an info line
         seen = len(self.log())
         with self.log_path.open("ab") as log:
