@@ -55,6 +55,10 @@ def metrics_of(result: Result) -> list[tuple[str, str, str]]:
         return E2E
     if result.scenario == "P":
         return PUBLISH
+    if result.scenario == "R":
+        from bench.proxy import METRICS  # bench.proxy imports Herald; the report alone needs nothing of it
+
+        return METRICS
     return MANY
 
 
@@ -246,6 +250,10 @@ def markdown(results: list[Result], meta: dict[str, Any], targets: list[str]) ->
         lines.append("")
     lines += _c_budget(results, meta)
     lines += _p_budget(results)
+    if any(r.scenario == "R" for r in results):
+        from bench.proxy import budget
+
+        lines += budget(results)
     lines += ["## Results", ""]
     head = ["scenario", "metric", *targets, *(f"herald/{b}" for b in baselines if "herald" in targets)]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]

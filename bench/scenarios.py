@@ -45,7 +45,8 @@ from bench.loadgen import (
     ws_request,
 )
 from bench.mercure import mercure_throughput
-from bench.servers import HOST, PYTHON, ROOT, SECRET, Target
+from bench.proxy import request_reply, start_direct, start_proxied
+from bench.servers import HOST, PYTHON, ROOT, SECRET, RedisServer, Target
 from bench.targets import TargetKind
 
 MiB = 1024 * 1024
@@ -71,6 +72,8 @@ class Sizes:
     p_topics: int = 4  # one publisher connection per topic, each topic followed by one SSE subscriber
     c_rate: float = 5000.0  # the paced variant of C: the issue's target rate
     c_rounds: int = 5  # C and E-C as fast as it goes: bursts of one event per topic; the median round counts
+    r_seconds: float = 5.0  # R: seconds of closed-loop commands per variant
+    r_clients: int = 32  # R: connections sending commands, each one at a time
     connect_deadline: float = 25.0  # A and E: connections not made by then count as failed (keeps the run bounded)
     settle_seconds: float = 1.0  # after connecting, before memory is read
     quiet_seconds: float = 1.0  # no bytes for this long: every subscriber has all it will get
@@ -81,10 +84,11 @@ FULL = Sizes(a_sizes=(1000, 10000), b_subscribers=1000, b_events=200, b_rate=50.
              e_sizes=(1000, 10000), e_c_subscribers=2000)
 QUICK = Sizes(a_sizes=(200, 1000), b_subscribers=200, b_events=50, b_rate=50.0, c_subscribers=500,
               d_rooms=10, d_rates=(50, 100, 250), d_step_seconds=1.5, e_sizes=(1000,), e_c_subscribers=500,
-              p_events=5000, p_single_events=1000)
+              p_events=5000, p_single_events=1000, r_seconds=3.0)
 TINY = Sizes(a_sizes=(20,), b_subscribers=20, b_events=20, b_rate=50.0, c_subscribers=20,
              d_rooms=4, d_rates=(20,), d_step_seconds=1.0, e_sizes=(20,), e_c_subscribers=20,
-             settle_seconds=0.2, quiet_seconds=0.3, c_rounds=2, p_events=200, p_single_events=40)
+             settle_seconds=0.2, quiet_seconds=0.3, c_rounds=2, p_events=200, p_single_events=40,
+             r_seconds=1.0, r_clients=4)
 
 
 @dataclass
@@ -97,6 +101,10 @@ class Case:
     commands: bool = False
     publishes: bool = False  # published to over HTTP: only for targets with a publish API
     notes: list[str] = field(default_factory=list)
+    start: Callable[[Path, RedisServer], Target] | None = None
+    """Starts the case's own server (Herald with another domain or config) instead of the target's usual one."""
+    only: str | None = None
+    """The one target the case is for (scenario R compares two Herald setups), or ``None`` for every target."""
 
 
 # Helpers -------------------------------------------------------------------------------------
@@ -679,4 +687,9 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
                         lambda k, t: mercure_throughput(k, t, events=sizes.p_single_events, topics=sizes.p_topics,
                                                         workdir=workdir_of(), quiet=sizes.quiet_seconds),
                         publishes=True))
+    if "R" in selected:
+        for variant, start in (("Python handler", start_direct), ("proxied to an upstream", start_proxied)):
+            out.append(Case("R", f"{variant}, {sizes.r_clients} clients x {sizes.r_seconds:g} s, Prefer: wait",
+                            functools.partial(request_reply, seconds=sizes.r_seconds, clients=sizes.r_clients),
+                            commands=True, start=start, only="herald"))
     return out
