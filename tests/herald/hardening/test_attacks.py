@@ -243,3 +243,17 @@ def test_13_a_slowloris_connection_is_cut_off_after_the_header_timeout(
         assert client.get("/healthz").status_code == 200  # an ordinary request is not affected
         metrics = client.get("/metrics").text
     assert 'herald_limited_total{reason="header-timeout"} 1.0' in metrics
+
+
+def test_3_a_room_named_events_is_no_way_around_bearer_auth(herald: Callable[..., HeraldServer]) -> None:
+    """``GET /chats/events`` once skipped the bearer (its path ends in /events) and handed out a room token."""
+    server = herald({"HERALD_JWT_SECRET": JWT_SECRET})
+    with httpx.Client(base_url=server.url, timeout=5) as client:
+        refused = client.get("/chats/events")
+        assert refused.status_code == 401
+        assert "token=" not in refused.text
+        room = client.get("/chats/events", headers=bearer("alice"))
+        assert room.status_code == 200 and "token=" in room.json()["subscribe_url"]
+        # the push routes themselves still take subscribe tokens, not bearers
+        stream = client.get("/topics/chats/events/events")
+        assert stream.status_code == 401 and stream.json()["type"].endswith("/invalid-token")

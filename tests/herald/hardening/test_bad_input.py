@@ -128,6 +128,7 @@ TABLE: dict[str, Http | Ws | RawWs] = {
     "prefer-wait-absurd": json_post(GOOD, expect=(200, 202), headers=[("Prefer", "wait=99999999999999999999")]),
     "prefer-wait-negative": json_post(GOOD, expect=202, headers=[("Prefer", "wait=-5")]),
     "prefer-garbage": json_post(GOOD, expect=202, headers=[("Prefer", 'wait="; respond-async=1, ,,=')]),
+    "prefer-wait-superscript": json_post(GOOD, expect=202, raw_head=b"Prefer: wait=\xb2\r\n"),  # was a 500
     "wait-not-a-number": Http("GET", "/operations/{op}?wait=soon", 400),
     "wait-negative": Http("GET", "/operations/{op}?wait=-1", 400),
     "wait-infinite": Http("GET", "/operations/{op}?wait=1e999", 400),
@@ -169,6 +170,13 @@ TABLE: dict[str, Http | Ws | RawWs] = {
     "topic-empty-segment": sse("/topics/chats//lobby/events", 400),
     "too-many-topics": sse("/topics/events?" + "&".join(f"topic=chats/r{n}" for n in range(65)), 400),
     "operation-events-unknown": sse("/operations/op_nope/events", 401),
+    # publishing: never anonymous (no publisher key is set here), an operation's topic never from outside
+    "publish-without-token": json_post(b'{"type": "x.y"}', path="/topics/chats/lobby/events", expect=401),
+    "publish-forged-token": json_post(b'{"type": "x.y"}', path="/topics/chats/lobby/events", expect=401,
+                                      headers=[("Authorization", f"Bearer {FORGED}")]),
+    "mercure-publish-without-key": Http("POST", "/.well-known/mercure", 401, body=b"topic=a&data=b",
+                                        headers=[("Content-Type", "application/x-www-form-urlencoded")]),
+    "mercure-subscribe-anonymous": sse("/.well-known/mercure?topic=https://example.com/a", 401),
     # WebSocket
     "ws-binary-frame": Ws([b"\x00\x01binary"], close_code=1003),
     "ws-oversized-message": Ws(["x" * (MAX_WS + 1)], close_code=1009),
