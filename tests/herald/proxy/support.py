@@ -181,3 +181,24 @@ async def events_of(client: httpx.AsyncClient, body: dict[str, Any], *, timeout:
                         if line.startswith(b"data: "):
                             out.append(orjson.loads(line[6:]))
     return out
+
+
+async def first_event(client: httpx.AsyncClient, body: dict[str, Any], type: str, *,
+                      timeout: float = 15.0) -> dict[str, Any]:
+    """The first event of ``type`` on an operation's SSE stream (``body``: its 202), as soon as it is there."""
+    buffer = b""
+    async with asyncio.timeout(timeout):
+        async with client.stream("GET", body["subscribe_url"], headers={"Accept": "text/event-stream"},
+                                 timeout=httpx.Timeout(5.0, read=None)) as response:
+            assert response.status_code == 200
+            async for chunk in response.aiter_bytes():
+                buffer += chunk
+                *blocks, buffer = buffer.split(b"\n\n")
+                for block in blocks:
+                    for line in block.split(b"\n"):
+                        if line.startswith(b"data: "):
+                            event: dict[str, Any] = orjson.loads(line[6:])
+                            if event["type"] == type:
+                                return event
+    raise AssertionError(f"the stream ended without a {type} event")
+

@@ -25,7 +25,7 @@ import redis
 
 from herald.auth import TokenSigner
 from tests.herald.cluster.support import WorkerProcess, cluster_env
-from tests.herald.proxy.support import Upstream, config_text, events_of, wait_ended
+from tests.herald.proxy.support import Upstream, config_text, events_of, first_event, wait_ended
 from tests.support.redis_server import RedisServer
 from tests.support.server import TEST_SECRET, HeraldServer
 
@@ -263,7 +263,7 @@ async def test_a_cancel_is_forwarded_to_the_cancel_url_the_upstream_gave(
 ) -> None:
     accepted = await submit(client, "/waiting")
     [call] = await calls(proxied.upstream, accepted["id"])
-    await asyncio.sleep(0.2)  # the worker stores the cancel URL as it hands the operation off
+    await first_event(client, accepted, "herald.operation.progress")  # published once the cancel URL is stored
     response = await client.delete(f"/operations/{accepted['id']}")
     assert (response.status_code, response.json()["status"]) == (200, "canceled")
     deletes = [e for e in await proxied.upstream.arequests() if e["method"] == "DELETE"]
@@ -275,8 +275,7 @@ async def test_a_cancel_goes_to_the_declared_cancel_url_when_the_upstream_gave_n
     proxied: Proxied, client: httpx.AsyncClient,
 ) -> None:
     accepted = await submit(client, "/declared-cancel/job-7")
-    await calls(proxied.upstream, accepted["id"])
-    await asyncio.sleep(0.2)
+    await first_event(client, accepted, "herald.operation.progress")  # handed off: the upstream has it
     response = await client.delete(f"/operations/{accepted['id']}")
     assert (response.status_code, response.json()["status"]) == (200, "canceled")
     assert "/jobs/job-7" in [e["path"] for e in await proxied.upstream.arequests() if e["method"] == "DELETE"]
