@@ -333,7 +333,7 @@ def test_submit_follow_outlives_its_subscribe_token(domain_path: Path) -> None:
         done = run(herald("submit", "POST", "/slow-orders", '{"seconds": 3}', "--url", server.url, "--follow"),
                    clean_env(domain_path))
     assert done.returncode == 0, done.stdout + done.stderr
-    body, *events = json_lines(done.stdout)
+    _, *events = json_lines(done.stdout)
     types = [e["event"]["type"] for e in events]
     assert types == ["herald.operation.running", "herald.operation.progress", "herald.operation.succeeded"]
     assert events[-1]["event"]["data"]["result"] == {"slept": 3}
