@@ -46,6 +46,7 @@ from bench.loadgen import (
 )
 from bench.mercure import mercure_throughput
 from bench.proxy import request_reply, start_direct, start_proxied
+from bench.saturation import saturation
 from bench.servers import HOST, PYTHON, ROOT, SECRET, RedisServer, Target
 from bench.targets import TargetKind
 
@@ -74,6 +75,8 @@ class Sizes:
     c_rounds: int = 5  # C and E-C as fast as it goes: bursts of one event per topic; the median round counts
     r_seconds: float = 5.0  # R: seconds of closed-loop commands per variant
     r_clients: int = 32  # R: connections sending commands, each one at a time
+    s_commands: int = 3000  # S: commands as fast as they go, each to a room with its own SSE subscriber
+    s_concurrency: int = 64  # S: keep-alive connections sending them, each one at a time
     connect_deadline: float = 25.0  # A and E: connections not made by then count as failed (keeps the run bounded)
     settle_seconds: float = 1.0  # after connecting, before memory is read
     quiet_seconds: float = 1.0  # no bytes for this long: every subscriber has all it will get
@@ -84,11 +87,11 @@ FULL = Sizes(a_sizes=(1000, 10000), b_subscribers=1000, b_events=200, b_rate=50.
              e_sizes=(1000, 10000), e_c_subscribers=2000)
 QUICK = Sizes(a_sizes=(200, 1000), b_subscribers=200, b_events=50, b_rate=50.0, c_subscribers=500,
               d_rooms=10, d_rates=(50, 100, 250), d_step_seconds=1.5, e_sizes=(1000,), e_c_subscribers=500,
-              p_events=5000, p_single_events=1000, r_seconds=3.0)
+              p_events=5000, p_single_events=1000, r_seconds=3.0, s_commands=1000)
 TINY = Sizes(a_sizes=(20,), b_subscribers=20, b_events=20, b_rate=50.0, c_subscribers=20,
              d_rooms=4, d_rates=(20,), d_step_seconds=1.0, e_sizes=(20,), e_c_subscribers=20,
              settle_seconds=0.2, quiet_seconds=0.3, c_rounds=2, p_events=200, p_single_events=40,
-             r_seconds=1.0, r_clients=4)
+             r_seconds=1.0, r_clients=4, s_commands=20, s_concurrency=4)
 
 
 @dataclass
@@ -692,4 +695,9 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
             out.append(Case("R", f"{variant}, {sizes.r_clients} clients x {sizes.r_seconds:g} s, Prefer: wait",
                             functools.partial(request_reply, seconds=sizes.r_seconds, clients=sizes.r_clients),
                             commands=True, start=start, only="herald"))
+    if "S" in selected:
+        out.append(Case("S", f"{sizes.s_commands:,} commands as fast as they go, each to its own SSE subscriber "
+                             f"({sizes.s_concurrency} connections)",
+                        functools.partial(saturation, n=sizes.s_commands, concurrency=sizes.s_concurrency),
+                        commands=True))
     return out
