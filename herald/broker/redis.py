@@ -118,6 +118,7 @@ from herald.broker.base import (
     OperationNotFound,
     StoredEvent,
 )
+from herald.broker.pipeline import AutoPipeline
 from herald.events import Event, EventError, decode_event
 from herald.operations import ALLOWED, IllegalTransition, Operation, Status, operation_topic, status_event, transition
 from herald.operations import request_cancel as cancel_flag
@@ -267,6 +268,20 @@ return lost
 """
 
 
+# KEYS: request stream. ARGV: group, entry id. Acknowledged and deleted in one step, so it is never handed out again.
+_ACK_LUA = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('XDEL', KEYS[1], ARGV[2])
+"""
+
+# KEYS: counter. ARGV: amount, window seconds. The count, its expiry (re)set with it: it never outlives its window.
+_HIT_LUA = """
+local count = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return count
+"""
+
+
 def _key(kind: str, name: str) -> str:
     return f"herald:{kind}:{{{name}}}"
 
@@ -299,6 +314,12 @@ def _operation(raw: dict[Any, Any]) -> Operation | None:
         name = raw_name.decode()
         record[name] = value.decode() if name in _TEXT_FIELDS else orjson.loads(value)
     return Operation.from_record(record)
+
+
+def _stream_entries(raw: Any) -> list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]:
+    """A raw ``XREADGROUP`` reply as redis-py's ``xreadgroup`` gives it: ``[(stream, [(id, {field: value})])]``."""
+    return [(stream, [(entry_id, dict(zip(fields[::2], fields[1::2], strict=True))) for entry_id, fields in entries])
+            for stream, entries in raw or ()]
 
 
 def _text(value: Any) -> str:
@@ -360,11 +381,19 @@ class RedisBroker(Broker):
             retry=Retry(NoBackoff(), 0),
         )
         self._redis = aioredis.Redis.from_pool(pool)
+        # The calls of every request and job go through one connection, written together once per loop turn
+        # (herald.broker.pipeline); the pool keeps what blocks (XREADGROUP BLOCK) or needs MULTI, and the rare rest.
+        self._pipe = AutoPipeline(
+            lambda: pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None}),
+            timeout=socket_timeout,
+        )
         self._accept_script = self._redis.register_script(_ACCEPT_LUA)
         self._update_script = self._redis.register_script(_UPDATE_LUA)
         self._publish_script = self._redis.register_script(_PUBLISH_LUA)
         self._reclaim_script = self._redis.register_script(_RECLAIM_LUA)
         self._extend_script = self._redis.register_script(_EXTEND_LUA)
+        self._ack_script = self._redis.register_script(_ACK_LUA)
+        self._hit_script = self._redis.register_script(_HIT_LUA)
         self._groups: set[str] = set()
         # When consume() next runs the reclaim script, per (consumer, request streams): see consume().
         # No entry (or 0.0) means "at once"; clearing the dict makes every consumer's reclaim due.
@@ -397,6 +426,7 @@ class RedisBroker(Broker):
         for waiter in self._waiters.values():
             waiter.cancel()
         self._waiters.clear()
+        await self._pipe.close()
         await self._redis.aclose()
 
     async def ping(self) -> bool:
@@ -426,7 +456,7 @@ class RedisBroker(Broker):
         # An "exists" whose operation just expired is re-run: by then the key has expired with it.
         for _ in range(2):
             with _reachable(self):
-                outcome, *rest = await self._accept_script(keys=keys, args=args)
+                outcome, *rest = await self._pipe.script(self._accept_script, keys, args)
             if outcome == b"created":
                 return Accepted(operation, created=True)
             if outcome == b"conflict":
@@ -495,17 +525,21 @@ class RedisBroker(Broker):
             if len(out) >= count:
                 break
             args: list[Any] = [GROUP, consumer, _ms(self.visibility_timeout), count - len(out)]
-            for entry_id, fields, deliveries in await self._reclaim_script(keys=[key], args=args):
+            for entry_id, fields, deliveries in await self._pipe.script(self._reclaim_script, [key], args):
                 fields_map = dict(zip(fields[::2], fields[1::2], strict=True))
                 out += await self._deliveries(key, type_, [(entry_id, fields_map)], int(deliveries))
         return out
 
     async def _read_new(self, keys: dict[str, str], consumer: str, count: int, wait: float) -> list[Delivery]:
+        # First without BLOCK, on the shared connection (a busy worker finds work at once, with the other calls
+        # of its loop turn); only when there is none, BLOCK on a connection of the pool (it would hold the
+        # shared one up). BLOCK 0 would wait forever: with no time left, that first look is all.
+        streams = [*keys, *(">" for _ in keys)]
+        reply: Any = _stream_entries(await self._pipe.execute(
+            "XREADGROUP", "GROUP", GROUP, consumer, "COUNT", count, "STREAMS", *streams))
         block = int(wait * 1000)
-        # BLOCK 0 would wait forever: leave it out to poll once
-        reply: Any = await self._redis.xreadgroup(
-            GROUP, consumer, dict.fromkeys(keys, ">"), count=count, block=block or None
-        )
+        if not reply and block:
+            reply = await self._redis.xreadgroup(GROUP, consumer, dict.fromkeys(keys, ">"), count=count, block=block)
         out: list[Delivery] = []
         for key, entries in reply or []:
             key = _text(key)
@@ -533,10 +567,7 @@ class RedisBroker(Broker):
         return out
 
     async def _done(self, key: str, entry_id: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xack(key, GROUP, entry_id)
-            pipe.xdel(key, entry_id)
-            await pipe.execute()
+        await self._pipe.script(self._ack_script, [key], [GROUP, entry_id])
 
     async def ack(self, delivery: Delivery) -> None:
         """Acknowledge and delete the entry, so it is never handed out again."""
@@ -570,7 +601,8 @@ class RedisBroker(Broker):
     async def get_operation(self, operation_id: str) -> Operation | None:
         """The stored operation, or ``None`` if unknown or expired."""
         with _reachable(self):
-            return _operation(await self._redis.hgetall(_op_key(operation_id)))
+            flat = await self._pipe.execute("HGETALL", _op_key(operation_id))
+        return _operation(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     async def transition(
         self,
@@ -637,7 +669,7 @@ class RedisBroker(Broker):
                                _ms(self.operation_ttl), event.type if event else "",
                                event.encoded if event else b"", *extra, *_fields(updated)]
             with _reachable(self):
-                outcome, *rest = await self._update_script(keys=keys, args=args)
+                outcome, *rest = await self._pipe.script(self._update_script, keys, args)
             if outcome == b"ok":
                 return updated
             if outcome == b"missing":  # the script acknowledged ``ack``
@@ -651,9 +683,9 @@ class RedisBroker(Broker):
     async def publish(self, topic: str, event: Event) -> str:
         """Append to the topic's capped stream and PUBLISH it, atomically; return its cursor."""
         with _reachable(self):
-            cursor = await self._publish_script(
-                keys=list(_topic_keys(topic)),
-                args=[self.history_size + 1, _ms(self._ttl(topic)), event.type, event.encoded],
+            cursor = await self._pipe.script(
+                self._publish_script, _topic_keys(topic),
+                [self.history_size + 1, _ms(self._ttl(topic)), event.type, event.encoded],
             )
         return _text(cursor)
 
@@ -667,21 +699,18 @@ class RedisBroker(Broker):
         """
         if not items:
             return []
-        try:
-            return await self._publish_pipelined(items)
-        except NoScriptError:  # a Redis that lost its scripts (restarted): load it, once
-            with _reachable(self):
-                await self._redis.script_load(_PUBLISH_LUA)
-            return await self._publish_pipelined(items)
-
-    async def _publish_pipelined(self, items: Sequence[tuple[str, Event]]) -> list[str]:
-        # EVALSHA by hand: a pipeline that runs a registered Script first asks SCRIPT EXISTS, a round trip
+        commands = [self.publish_command(topic, event.type, event.encoded) for topic, event in items]
         with _reachable(self):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for topic, event in items:
-                    pipe.execute_command(*self.publish_command(topic, event.type, event.encoded))
-                cursors = await pipe.execute()
-        return [_text(c) for c in cursors]
+            replies = await self._pipe.execute_many(commands)
+            lost = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if lost:  # a Redis that lost its scripts (restarted) ran none of those: load it, once, and run them
+                await self._pipe.execute("SCRIPT", "LOAD", _PUBLISH_LUA)
+                for i, reply in zip(lost, await self._pipe.execute_many([commands[i] for i in lost]), strict=True):
+                    replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [_text(c) for c in replies]
 
     def publish_command(self, topic: str, event_type: str, encoded: bytes) -> tuple[str | bytes | int, ...]:
         """The one Redis command that appends an encoded event to ``topic`` and PUBLISHes it.
@@ -939,24 +968,21 @@ class RedisBroker(Broker):
 
     # Counters --------------------------------------------------------------------------
     async def hit(self, key: str, window: int, amount: int = 1) -> int:
-        """INCRBY the counter and (re)set its expiry in one MULTI, so it never outlives its window."""
+        """INCRBY the counter and (re)set its expiry in one script, so it never outlives its window."""
         with _reachable(self):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.incrby(_key("count", key), amount)
-                pipe.expire(_key("count", key), window)
-                count, _ = await pipe.execute()
+            count = await self._pipe.script(self._hit_script, [_key("count", key)], [amount, window])
         return int(count)
 
     # Resources -------------------------------------------------------------------------
     async def put_resource(self, path: str, document: dict[str, Any], *, ttl: int) -> None:
         """Store a JSON document for ``ttl`` seconds."""
         with _reachable(self):
-            await self._redis.set(_key("res", path), orjson.dumps(document), px=_ms(ttl))
+            await self._pipe.execute("SET", _key("res", path), orjson.dumps(document), "PX", _ms(ttl))
 
     async def get_resource(self, path: str) -> dict[str, Any] | None:
         """The document, or ``None`` if missing or expired."""
         with _reachable(self):
-            raw = await self._redis.get(_key("res", path))
+            raw = await self._pipe.execute("GET", _key("res", path))
         return None if raw is None else orjson.loads(raw)
 
     async def update_resource(
@@ -1001,6 +1027,6 @@ class RedisBroker(Broker):
         Returns the document already stored (its TTL left alone), or ``document`` if this call stored it.
         """
         with _reachable(self):
-            raw: Any = await self._redis.set(_key("res", path), orjson.dumps(document), nx=True, get=True,
-                                             px=_ms(ttl))
-        return document if raw is None else orjson.loads(raw)  # raw: the stored value (bytes), not a bool
+            raw = await self._pipe.execute("SET", _key("res", path), orjson.dumps(document), "NX", "GET", "PX",
+                                           _ms(ttl))
+        return document if raw is None else orjson.loads(raw)  # raw: the stored value (bytes)

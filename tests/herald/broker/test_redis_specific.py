@@ -423,13 +423,13 @@ async def test_ending_an_operation_with_its_events_and_ack_is_one_command_with_p
     [delivery] = await broker.consume([REQUEST], "w", block=1)
     running = await broker.transition(op.id, Status.RUNNING)
     sent: list[str] = []
-    execute = broker._redis.execute_command
+    execute = broker._pipe.execute
 
-    async def counted(*args: Any, **options: Any) -> Any:
+    async def counted(*args: Any) -> Any:
         sent.append(str(args[0]))
-        return await execute(*args, **options)
+        return await execute(*args)
 
-    monkeypatch.setattr(broker._redis, "execute_command", counted)
+    monkeypatch.setattr(broker._pipe, "execute", counted)
     topic = operation_topic(op.id)
     await broker.transition(op.id, Status.SUCCEEDED, current=running,
                             events=[(topic, event(1)), ("chats/ttl", event(2))], ack=delivery)
