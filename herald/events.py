@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from datetime import UTC, datetime
+import time
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -48,9 +49,21 @@ def new_event_id() -> str:
     return secrets.token_urlsafe(16)
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
 def now_iso() -> str:
-    """The current UTC time as RFC 3339 with milliseconds, as CloudEvents ``time`` wants."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """The current UTC time as RFC 3339 with milliseconds, as CloudEvents ``time`` wants.
+
+    The date and time of day are formatted once per second: a worker stamps several events and
+    records per command, and ``datetime.now().isoformat()`` each time was 7% of its CPU.
+    """
+    global _second
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
 
 
 class Event:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from herald.events import Event
@@ -91,6 +91,9 @@ class Delivery:
     event: Event
     delivery_id: str
     deliveries: int  # how many times this request event has been handed out, this one included
+    operation: Operation | None = field(default=None, compare=False)
+    """The operation as it was accepted, when the broker queued it with the request (a worker taking a first
+    delivery moves it to ``running`` from this copy, without reading it; a stale copy is read again)."""
 
 
 @dataclass(frozen=True, slots=True)

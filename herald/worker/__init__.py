@@ -419,7 +419,11 @@ class Worker:
     async def _run_handler(self, delivery: Delivery) -> str:
         event = delivery.event
         op_id = event.correlationid or ""
-        operation = await self.broker.get_operation(op_id) if op_id else None
+        # a first delivery brings the operation as accepted: moved to running from that copy without a read (a
+        # copy made stale by a cancel is read again by the move itself, and the cancel is honoured below)
+        operation = delivery.operation if delivery.deliveries == 1 and delivery.operation is not None else None
+        if operation is None:
+            operation = await self.broker.get_operation(op_id) if op_id else None
         if operation is None or operation.status.terminal:
             return "ack"  # expired, or a repeat delivery of finished work
         if operation.cancel_requested:

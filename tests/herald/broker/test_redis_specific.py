@@ -477,3 +477,28 @@ async def test_updates_of_one_resource_from_several_processes_lose_none(
     stored = await brokers[1].get_resource(path)
     assert stored is not None and sorted(stored["names"]) == sorted(names)
     assert conflicts > len(names)  # the cross-process path was exercised, not only the per-process lock
+
+
+async def test_a_first_delivery_carries_the_operation_as_accepted_and_a_move_from_a_stale_copy_reads_it_again(
+    redis_url: str, make: Callable[..., RedisBroker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = make(redis_url)
+    op, request = command()
+    await broker.accept(op, request)
+    [delivery] = await broker.consume([REQUEST], "w", block=1)
+    assert delivery.operation == op  # what the worker moves to running without a read
+    await broker.request_cancel(op.id)  # the client cancels after the accept: the carried copy is stale now
+    reads: list[str] = []
+    get_operation = broker.get_operation
+
+    async def counting(operation_id: str) -> Any:
+        reads.append(operation_id)
+        return await get_operation(operation_id)
+
+    monkeypatch.setattr(broker, "get_operation", counting)
+    running = await broker.transition(op.id, Status.RUNNING, current=delivery.operation)
+    assert reads == [op.id]  # the script refused the stale version; the move read the operation and applied
+    assert running.cancel_requested and running.version == 3 and running.attempts == 1
+    await broker.release(delivery)
+    [again] = await broker.consume([REQUEST], "w", block=1)
+    assert again.deliveries == 2 and again.operation is None  # a redelivery reads the operation as it is now
