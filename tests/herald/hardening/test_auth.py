@@ -43,8 +43,9 @@ async def client(server: HeraldServer) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-ALICE = bearer("alice")
-BOB = bearer("bob")
+# made at import, which can be many minutes before these tests run in a full session: valid for an hour
+ALICE = bearer("alice", ttl=3600)
+BOB = bearer("bob", ttl=3600)
 
 
 async def send(client: httpx.AsyncClient, headers: dict[str, str]) -> httpx.Response:
