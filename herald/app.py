@@ -36,7 +36,7 @@ from herald.domain import Catalog, Domain
 from herald.http import callback, operations, push, security
 from herald.http.access import TopicAccess
 from herald.http.asyncapi import build_asyncapi
-from herald.http.commands import CommandRouter
+from herald.http.commands import CommandMiddleware, CommandRouter
 from herald.http.fastwrite import HttpToolsProtocol
 from herald.http.gateway import Gateway
 from herald.http.mercure import MercureHub, MercureMiddleware
@@ -280,6 +280,7 @@ def create_app(
         )
         middleware.append(Middleware(security.BearerAuthMiddleware, verifier=verifier, rules=rules))
     middleware.append(Middleware(push.PushMiddleware))  # innermost: streams and sockets skip the router's layers
+    middleware.append(Middleware(CommandMiddleware, commands=router))  # and so do commands
     app = Starlette(
         routes=routes,
         middleware=middleware,
