@@ -145,19 +145,23 @@ def transition(
     """The operation after moving to ``status``; raises :class:`IllegalTransition` if forbidden."""
     if status not in ALLOWED[op.status]:
         raise IllegalTransition(op.status, status)
-    changes: dict[str, Any] = {"status": status, "updated_at": now or now_iso(), "version": op.version + 1}
+    attempts, new_result, new_error, new_location = op.attempts, op.result, op.error, op.location
     if status is Status.RUNNING:
-        changes["attempts"] = op.attempts + 1
-    if status is Status.SUCCEEDED:
-        changes["result"] = result
-        changes["location"] = location
-    if status is Status.FAILED:
-        changes["error"] = error or problem("about:blank", "Operation failed", 500)
-    if status is Status.CANCELED:
-        changes["error"] = error or problem(
+        attempts += 1
+    elif status is Status.SUCCEEDED:
+        new_result, new_location = result, location
+    elif status is Status.FAILED:
+        new_error = error or problem("about:blank", "Operation failed", 500)
+    elif status is Status.CANCELED:
+        new_error = error or problem(
             "https://herald.dev/problems/canceled", "Operation canceled", 409, "canceled at the client's request"
         )
-    return replace(op, **changes)
+    # built field by field: dataclasses.replace() looks the fields up again on every call (a worker moves
+    # each operation twice)
+    return Operation(id=op.id, type=op.type, status=status, created_at=op.created_at, updated_at=now or now_iso(),
+                     version=op.version + 1, result=new_result, error=new_error, location=new_location,
+                     owner=op.owner, cancel_requested=op.cancel_requested, attempts=attempts,
+                     request_event_id=op.request_event_id)
 
 
 def request_cancel(op: Operation, *, now: str | None = None) -> Operation:

@@ -87,8 +87,7 @@ import logging
 import math
 import random
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -147,6 +146,7 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 2.0
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError, ClusterDownError,
                 TryAgainError, OSError)
 _TEXT_FIELDS = frozenset({"id", "type", "status", "created_at", "updated_at"})  # stored as-is, the rest as JSON
+_FIELD_NAMES = tuple(Operation(id="", type="").to_record())  # the hash's fields: Operation.to_record()'s keys
 
 # append() returns the event's cursor "<stream id>.<epoch>" (herald.protocol's format) and PUBLISHes it.
 # A new epoch: the microsecond Redis's TIME says, modulo 36^6, in base 36 (doubles hold it exactly).
@@ -308,9 +308,9 @@ def _fields(op: Operation, before: Operation | None = None) -> list[str | bytes]
     script checked its version), so writing the rest again would only cost encoding and Redis time.
     """
     flat: list[str | bytes] = []
-    old = before.to_record() if before is not None else None
-    for name, value in op.to_record().items():
-        if old is None or old[name] != value:
+    for name in _FIELD_NAMES:
+        value = getattr(op, name)
+        if before is None or getattr(before, name) != value:
             flat += [name, value if name in _TEXT_FIELDS else orjson.dumps(value)]
     return flat
 
@@ -335,14 +335,25 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-@contextmanager
-def _reachable(broker: Broker) -> Iterator[None]:
-    """Turn "Redis cannot serve this now" into :class:`BrokerUnavailable`, counted in ``broker.errors``."""
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        broker.errors += 1
-        raise BrokerUnavailable(f"redis: {exc}") from exc
+class _reachable:  # a lowercase name: used as ``with _reachable(broker):``, like a function
+    """Turn "Redis cannot serve this now" into :class:`BrokerUnavailable`, counted in ``broker.errors``.
+
+    A class rather than a ``@contextmanager``: every broker call enters one, and a generator-based
+    context manager cost a few microseconds each time.
+    """
+
+    __slots__ = ("broker",)
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None and isinstance(exc, _UNAVAILABLE):
+            self.broker.errors += 1
+            raise BrokerUnavailable(f"redis: {exc}") from exc
 
 
 class RedisBroker(Broker):
