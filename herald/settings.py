@@ -66,6 +66,14 @@ class Settings:
     # Broker
     redis_url: str | None = _env("REDIS_URL", None)
     """``REDIS_URL``; unset means the embedded memory broker."""
+    redis_shards: int = _env("HERALD_REDIS_SHARDS", 4, minimum=1)
+    """``HERALD_REDIS_SHARDS``: request streams per event type on a Redis Cluster (a multiple of its masters spreads
+    best); every process of one deployment must use the same number."""
+    redis_wait_replicas: int = _env("HERALD_REDIS_WAIT_REPLICAS", 0, minimum=0)
+    """``HERALD_REDIS_WAIT_REPLICAS``: on a Redis Cluster, a command is answered ``202`` only once this many replicas
+    hold it (``WAIT``); fewer in time is a ``503``."""
+    redis_wait_timeout: float = _env("HERALD_REDIS_WAIT_TIMEOUT", 1.0, minimum=0.001)
+    """``HERALD_REDIS_WAIT_TIMEOUT``: seconds ``WAIT`` may take (see ``HERALD_REDIS_WAIT_REPLICAS``)."""
     embedded_worker: bool = _env("HERALD_EMBEDDED_WORKER", True)
     """``HERALD_EMBEDDED_WORKER``: run the domains' handlers inside the gateway (default on the memory broker)."""
 
@@ -214,6 +222,9 @@ class Settings:
             "history_ttl": self.history_ttl,
             "visibility_timeout": self.visibility_timeout,
         }
+        if self.redis_url and self.redis_url.startswith(("redis+cluster://", "rediss+cluster://")):
+            options.update(shards=self.redis_shards, wait_replicas=self.redis_wait_replicas,
+                           wait_timeout=self.redis_wait_timeout)
         if not self.redis_url or self.redis_url.startswith("memory://"):
             options.update(max_events=self.memory_max_events, max_bytes=self.memory_max_bytes,
                            max_operations=self.memory_max_operations, max_resources=self.memory_max_resources)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from herald.events import Event
-from herald.operations import Operation, Status
+from herald.operations import Operation, Status, new_operation_id
 from herald.protocol import Frame
 
 
@@ -163,6 +163,14 @@ class Broker(ABC):
         """Whether the backing store answers right now."""
 
     # Commands --------------------------------------------------------------------------
+    def operation_id(self, idempotency_key: str | None = None) -> str:
+        """A new id for an operation to :meth:`accept` (given the idempotency key it will be accepted with).
+
+        A broker may place an operation by its id: the ClusterBroker makes the id of one accepted with an
+        idempotency key land in the slot of the key's record, and refuses an id it did not make for that key.
+        """
+        return new_operation_id()
+
     @abstractmethod
     async def accept(
         self,

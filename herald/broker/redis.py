@@ -97,9 +97,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     ClusterDownError,
+    ClusterError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -143,8 +145,9 @@ _LONG_IDLE_MS = 365 * 86400 * 1000  # "idle for a year": past any visibility tim
 _CAS_ATTEMPTS = 8
 _UPDATE_ATTEMPTS = 32
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 2.0
+# ClusterError and RedisClusterException: a Redis Cluster with a slot not served right now, or no node reachable
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError, ClusterDownError,
-                TryAgainError, OSError)
+                TryAgainError, OSError, ClusterError, RedisClusterException)
 _TEXT_FIELDS = frozenset({"id", "type", "status", "created_at", "updated_at"})  # stored as-is, the rest as JSON
 _FIELD_NAMES = tuple(Operation(id="", type="").to_record())  # the hash's fields: Operation.to_record()'s keys
 
@@ -907,22 +910,28 @@ class RedisBroker(Broker):
                     early.append(reply)
             self._pubsub = conn
         for topic in topics:
-            start = self._delivered.get(topic) or self._floor.get(topic)
-            if start is None or topic not in self._wanted:
-                continue
-            page = await self.read(topic, format_cursor(*start), limit=self.history_size + 1)
-            if page.reset:
-                log.warning("the history of %s was lost during the outage (it has a new epoch)", topic)
-                self._gap(topic, page.oldest, epoch=start[1], reset=True)
-                self._delivered.pop(topic, None)
-                self._floor[topic] = ((0, 0), None)  # what comes next is all new: before its first event
-            elif page.truncated:
-                log.warning("events of %s were dropped from the history during the outage", topic)
-                self._gap(topic, page.oldest, epoch=start[1])
-            for stored in page.events:
-                self._hand(Frame.from_event(topic, stored.cursor, stored.event))
+            await self._refill(topic)
         for reply in early:
             self._on_reply(reply)
+
+    async def _refill(self, topic: str) -> None:
+        """Hand over what ``topic`` got while it was not subscribed: its history after the last position handed over
+        (or its floor), the gap reported first when more went by than the history keeps (the cluster broker calls
+        this too, after a topic moved to another master)."""
+        start = self._delivered.get(topic) or self._floor.get(topic)
+        if start is None or topic not in self._wanted:
+            return
+        page = await self.read(topic, format_cursor(*start), limit=self.history_size + 1)
+        if page.reset:
+            log.warning("the history of %s was lost during the outage (it has a new epoch)", topic)
+            self._gap(topic, page.oldest, epoch=start[1], reset=True)
+            self._delivered.pop(topic, None)
+            self._floor[topic] = ((0, 0), None)  # what comes next is all new: before its first event
+        elif page.truncated:
+            log.warning("events of %s were dropped from the history during the outage", topic)
+            self._gap(topic, page.oldest, epoch=start[1])
+        for stored in page.events:
+            self._hand(Frame.from_event(topic, stored.cursor, stored.event))
 
     async def _pump(self, conn: AbstractConnection) -> None:
         # Reads block without a timeout: a per-read timeout (a timer armed and cancelled for every

@@ -30,7 +30,7 @@ from herald.http.limits import check_json_shape, enforce_rate_limit
 from herald.http.problems import HTTPProblem, problem_response
 from herald.hub import Subscriber
 from herald.logs import bind_correlation_id
-from herald.operations import Operation, new_operation_id, operation_topic
+from herald.operations import Operation, operation_topic
 from herald.schema import SchemaViolation
 
 JSON_TYPE = re.compile(r"^application/([a-z0-9.\-]+\+)?json\s*(;.*)?$", re.IGNORECASE)
@@ -191,7 +191,8 @@ async def submit(
         extra = dict(exc.extra)
         kind = extra.pop("kind", "invalid-command")
         raise HTTPProblem(422, exc.detail, kind=kind, field=exc.field, **extra) from exc
-    op_id = new_operation_id()
+    scoped_key = idempotency_scope(owner, idempotency_key) if idempotency_key else None
+    op_id = gateway.broker.operation_id(scoped_key)  # a Redis Cluster places it in the slot of its key's record
     try:
         request_event = build_event(
             command.event_type,
@@ -204,7 +205,6 @@ async def submit(
     except EventError as exc:
         raise HTTPProblem(422, str(exc), kind="invalid-command") from exc
     operation = Operation(id=op_id, type=command.event_type, owner=owner, request_event_id=request_event.id)
-    scoped_key = idempotency_scope(owner, idempotency_key) if idempotency_key else None
     try:
         accepted = await gateway.broker.accept(
             operation,

@@ -13,9 +13,9 @@ from herald.operations import Operation, new_operation_id
 REQUEST = "ThingRequested"
 
 
-def command(type_: str = REQUEST, **data: Any) -> tuple[Operation, Event]:
-    """A new operation and its request event, as the gateway builds them."""
-    op_id = new_operation_id()
+def command(type_: str = REQUEST, *, op_id: str | None = None, **data: Any) -> tuple[Operation, Event]:
+    """A new operation and its request event, as the gateway builds them (``op_id``: from ``broker.operation_id``)."""
+    op_id = op_id or new_operation_id()
     request = build_event(type_, data, source="test", correlationid=op_id)
     return Operation(id=op_id, type=type_, request_event_id=request.id), request
 

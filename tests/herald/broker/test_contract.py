@@ -1,4 +1,4 @@
-"""The broker contract: every test body runs against the memory broker and a real Redis."""
+"""The broker contract: every test body runs against the memory broker, a real Redis and a real Redis Cluster."""
 
 from __future__ import annotations
 
@@ -22,11 +22,14 @@ TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 MakeBroker = Callable[..., Awaitable[Broker]]
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("cluster", marks=pytest.mark.redis)])
 def broker_url(request: pytest.FixtureRequest) -> str:
-    """``memory://`` or the URL of the test session's Redis."""
+    """``memory://``, the URL of the test session's Redis, or of its Redis Cluster."""
     if request.param == "memory":
         return "memory://"
+    if request.param == "cluster":
+        return str(request.getfixturevalue("redis_cluster_url"))
     return str(request.getfixturevalue("redis_url"))
 
 
@@ -170,9 +173,9 @@ async def test_consume_over_several_types_takes_count_in_all(broker: Broker) -> 
 # Idempotency ---------------------------------------------------------------------------
 
 async def test_same_idempotency_key_and_fingerprint_returns_the_first_operation(broker: Broker) -> None:
-    op, request = command()
+    op, request = command(op_id=broker.operation_id("k1"))
     first = await broker.accept(op, request, idempotency_key="k1", fingerprint="body-a")
-    retry_op, retry_request = command()
+    retry_op, retry_request = command(op_id=broker.operation_id("k1"))
     again = await broker.accept(retry_op, retry_request, idempotency_key="k1", fingerprint="body-a")
     assert first.created and not again.created
     assert again.operation.id == op.id
@@ -182,9 +185,9 @@ async def test_same_idempotency_key_and_fingerprint_returns_the_first_operation(
 
 
 async def test_same_idempotency_key_with_another_fingerprint_conflicts(broker: Broker) -> None:
-    op, request = command()
+    op, request = command(op_id=broker.operation_id("k2"))
     await broker.accept(op, request, idempotency_key="k2", fingerprint="body-a")
-    other_op, other_request = command()
+    other_op, other_request = command(op_id=broker.operation_id("k2"))
     with pytest.raises(IdempotencyConflict) as caught:
         await broker.accept(other_op, other_request, idempotency_key="k2", fingerprint="body-b")
     assert caught.value.operation_id == op.id
@@ -284,7 +287,7 @@ async def test_request_cancel_sets_the_flag_until_the_operation_ends(broker: Bro
 
 async def test_operations_expire_after_their_ttl(make_broker: MakeBroker) -> None:
     broker = await make_broker(operation_ttl=0.4)
-    op, request = command()
+    op, request = command(op_id=broker.operation_id("k3"))
     await broker.accept(op, request, idempotency_key="k3", fingerprint="f")
     assert await broker.get_operation(op.id) is not None
     await asyncio.sleep(0.6)
@@ -292,7 +295,7 @@ async def test_operations_expire_after_their_ttl(make_broker: MakeBroker) -> Non
     with pytest.raises(OperationNotFound):
         await broker.transition(op.id, Status.RUNNING)
     # the idempotency key expired with it: the same key makes a new operation
-    fresh_op, fresh_request = command()
+    fresh_op, fresh_request = command(op_id=broker.operation_id("k3"))
     assert (await broker.accept(fresh_op, fresh_request, idempotency_key="k3", fingerprint="f")).created
 
 
