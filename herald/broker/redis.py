@@ -121,7 +121,7 @@ from herald.broker.base import (
     OperationNotFound,
     StoredEvent,
 )
-from herald.broker.pipeline import AutoPipeline
+from herald.broker.pipeline import AutoPipeline, pack
 from herald.events import Event, EventError, decode_event
 from herald.operations import ALLOWED, IllegalTransition, Operation, Status, operation_topic, status_event, transition
 from herald.operations import request_cancel as cancel_flag
@@ -279,6 +279,11 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 return redis.call('XDEL', KEYS[1], ARGV[2])
 """
 
+# KEYS: topic stream, its epoch key. The newest entry (an empty list if none) and the epoch, as of one moment.
+_HEAD_LUA = """
+return {redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1), redis.call('GET', KEYS[2])}
+"""
+
 # KEYS: counter. ARGV: amount, window seconds. The count, its expiry (re)set with it: it never outlives its window.
 _HIT_LUA = """
 local count = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -417,6 +422,7 @@ class RedisBroker(Broker):
         self._extend_script = self._redis.register_script(_EXTEND_LUA)
         self._ack_script = self._redis.register_script(_ACK_LUA)
         self._hit_script = self._redis.register_script(_HIT_LUA)
+        self._head_script = self._redis.register_script(_HEAD_LUA)
         self._groups: set[str] = set()
         # When consume() next runs the reclaim script, per (consumer, request streams): see consume().
         # No entry (or 0.0) means "at once"; clearing the dict makes every consumer's reclaim due.
@@ -431,6 +437,8 @@ class RedisBroker(Broker):
         self._floor: dict[str, tuple[Cursor, str | None]] = {}
         self._pubsub: AbstractConnection | None = None
         self._pubsub_lock = asyncio.Lock()
+        self._pubsub_out: list[tuple[str, str]] = []  # (command, channel) waiting for the next write
+        self._pubsub_flush: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._received = 0  # replies read off pub/sub connections: the watchdog's sign of life
 
@@ -812,12 +820,10 @@ class RedisBroker(Broker):
         return await self._read_head(topic)
 
     async def _read_head(self, topic: str) -> str | None:
-        key, epoch_key = _topic_keys(topic)
+        # a script, not a MULTI: it rides the shared connection with the other calls of this loop turn (every
+        # SSE client that is first on its topic reads the head once)
         with _reachable(self):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.xrevrange(key, "+", "-", count=1)
-                pipe.get(epoch_key)
-                newest, raw_epoch = await pipe.execute()
+            newest, raw_epoch = await self._pipe.script(self._head_script, _topic_keys(topic), ())
         return join_cursor(_text(newest[0][0]), _text(raw_epoch) if raw_epoch else None) if newest else None
 
     async def subscribe(self, topic: str) -> None:
@@ -857,14 +863,37 @@ class RedisBroker(Broker):
             pass
 
     async def _send_pubsub(self, command: str, topic: str) -> None:
-        async with self._pubsub_lock:
-            conn = self._pubsub
-            if conn is None or not conn.is_connected:
-                return  # the reader (re)subscribes every wanted topic when it connects
-            try:
-                await conn.send_command(command, _key("topic", topic))
-            except (RedisError, OSError):
-                pass  # the reader sees the broken connection too, and reconnects
+        """Send ``command`` for ``topic`` with the others of this loop turn: one write, one command per run.
+
+        A thousand clients connecting at once, each first on its topic, send one SUBSCRIBE of a thousand
+        channels rather than a thousand SUBSCRIBEs (each one a lock, a packing and a write). Returns once
+        written (or found not connected: the reader subscribes every wanted topic when it connects).
+        """
+        self._pubsub_out.append((command, _key("topic", topic)))
+        if self._pubsub_flush is None:
+            self._pubsub_flush = asyncio.get_running_loop().create_task(self._flush_pubsub())
+        await asyncio.shield(self._pubsub_flush)
+
+    async def _flush_pubsub(self) -> None:
+        try:
+            async with self._pubsub_lock:
+                while self._pubsub_out:
+                    batch, self._pubsub_out = self._pubsub_out, []
+                    conn = self._pubsub
+                    if conn is None or not conn.is_connected:
+                        continue  # the reader (re)subscribes every wanted topic when it connects
+                    runs: list[list[str]] = []  # consecutive channels of one command, in the order asked
+                    for command, channel in batch:
+                        if runs and runs[-1][0] == command:
+                            runs[-1].append(channel)
+                        else:
+                            runs.append([command, channel])
+                    try:
+                        await conn.send_packed_command([pack(run) for run in runs], check_health=False)
+                    except (RedisError, OSError):
+                        pass  # the reader sees the broken connection too, and reconnects
+        finally:
+            self._pubsub_flush = None
 
     # The pub/sub reader ----------------------------------------------------------------
     async def _listen_forever(self) -> None:
