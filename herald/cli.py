@@ -51,7 +51,7 @@ from herald.broker import create_broker
 from herald.broker.base import BrokerError
 from herald.client import Message, Reply, StreamRefused, follow, request
 from herald.domain import Catalog, DomainError
-from herald.http.fastwrite import HttpToolsProtocol
+from herald.http.fastwrite import HttpToolsProtocol, WebSocketProtocol
 from herald.loading import LoadError, load_app, load_domains
 from herald.logs import configure_logging
 from herald.protocol import STATUS_EVENT_PREFIX
@@ -159,7 +159,8 @@ def server_options(args: argparse.Namespace, settings: Settings, *, port: int, l
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         # the class with this process's header timeout (uvicorn makes one protocol object per connection)
         "http": type("HttpToolsProtocol", (HttpToolsProtocol,), {"header_timeout": settings.header_timeout}),
-        "ws": "websockets-sansio" if "websockets-sansio" in uvicorn.config.WS_PROTOCOLS else "websockets",
+        # uvicorn's websockets-sansio protocol, lighter per socket and with a direct write (herald/http/fastwrite.py)
+        "ws": WebSocketProtocol if "websockets-sansio" in uvicorn.config.WS_PROTOCOLS else "websockets",
         "ws_max_size": settings.max_ws_message,
         "lifespan": "on",
         "proxy_headers": True,

@@ -231,7 +231,8 @@ def parse_client_frame(raw: str | bytes) -> ClientFrame:
 class Frame:
     """One event on one topic at one cursor, framed lazily once per transport and then shared."""
 
-    __slots__ = ("_sse", "_sse_tail", "_ws", "cursor", "encoded", "epoch", "key", "terminal", "topic", "type")
+    __slots__ = ("_sse", "_sse_tail", "_ws", "_ws_frame", "cursor", "encoded", "epoch", "key", "terminal", "topic",
+                 "type")
 
     def __init__(self, topic: str, cursor: str, type: str, encoded: bytes, *, terminal: bool = False) -> None:
         self.topic = topic
@@ -243,6 +244,7 @@ class Frame:
         self._sse: bytes | None = None
         self._sse_tail: bytes | None = None
         self._ws: str | None = None
+        self._ws_frame: bytes | None = None
 
     @classmethod
     def from_event(cls, topic: str, cursor: str, event: Event) -> Frame:
@@ -277,6 +279,25 @@ class Frame:
                 + b"}"
             ).decode()
         return self._ws
+
+    @property
+    def ws_frame(self) -> bytes:
+        """:attr:`ws` as a whole server-to-client WebSocket frame (unmasked, so the same bytes for every socket)."""
+        if self._ws_frame is None:
+            self._ws_frame = ws_text_frame(self.ws.encode())
+        return self._ws_frame
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """One final text frame carrying ``payload``, as a server sends it (RFC 6455 §5.2: no mask)."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x81, size))
+    elif size < 65536:
+        head = b"\x81\x7e" + size.to_bytes(2, "big")
+    else:
+        head = b"\x81\x7f" + size.to_bytes(8, "big")
+    return head + payload
 
 
 # Operation lifecycle event types, published on ``operations/{id}`` by status changes.

@@ -44,6 +44,7 @@ installed version.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 from typing import Any, ClassVar
@@ -51,6 +52,9 @@ from typing import Any, ClassVar
 import uvicorn
 from starlette.types import Receive
 from uvicorn.protocols.http import httptools_impl
+from uvicorn.protocols.websockets import websockets_sansio_impl
+from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 log = logging.getLogger("herald.fastwrite")
 
@@ -232,3 +236,197 @@ class ChunkWriter:
             ChunkWriter.failure_logged = True
             log.warning("Herald's direct SSE write failed on uvicorn %s; that stream's frames go through ASGI",
                         uvicorn.__version__, exc_info=True, extra={"event": "fastwrite.failed"})
+
+
+# WebSocket -----------------------------------------------------------------------------------
+
+FRAME_WRITE = "herald.frame_write"
+"""The scope extension holding a socket's :class:`FrameWriter` (under :class:`WebSocketProtocol`)."""
+_WS_STATE = {"queue": asyncio.Queue, "writable": asyncio.Event, "conn": ServerProtocol, "handshake_complete": bool,
+             "close_sent": bool, "disconnected": bool}
+
+
+class _Inbox:
+    """What uvicorn's socket protocol uses of its ``asyncio.Queue`` (``put_nowait``, ``get``, ``empty``).
+
+    An ``asyncio.Queue`` makes three deques and an ``Event`` (a fourth) up front: 3 KiB per idle
+    socket, for a queue that holds at most a message or two.
+    """
+
+    __slots__ = ("_items", "_waiters")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        """Add ``item``; wake one waiting ``get``."""
+        if self._items is None:
+            self._items = collections.deque()
+        self._items.append(item)
+        for waiter in self._waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def get(self) -> Any:
+        """The oldest item, once there is one."""
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.remove(waiter)
+                if not self._waiters:
+                    self._waiters = None
+        item = self._items.popleft()
+        if not self._items:
+            self._items = None  # a deque keeps its 0.5 KiB block while empty: an idle socket has none
+        return item
+
+    def empty(self) -> bool:
+        """Whether nothing is waiting to be got."""
+        return not self._items
+
+
+class _Gate:
+    """What uvicorn's socket protocol uses of its ``writable`` ``asyncio.Event``, without a deque up front."""
+
+    __slots__ = ("_open", "_waiters")
+
+    def __init__(self) -> None:
+        self._open = True
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        """Whether writing may go on."""
+        return self._open
+
+    def set(self) -> None:
+        """Open; wake every ``wait``."""
+        self._open = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        """Close (the transport's buffer is full)."""
+        self._open = False
+
+    async def wait(self) -> None:
+        """Return once open."""
+        while not self._open:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            await waiter
+
+
+class WebSocketProtocol(websockets_sansio_impl.WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol, lighter per idle socket, with a direct frame write.
+
+    ``herald serve`` runs it (by hand: ``uvicorn ... --ws herald.http.fastwrite:WebSocketProtocol``).
+    Its receive queue and ``writable`` event are :class:`_Inbox` and :class:`_Gate`, made lazily; the
+    handshake's request and response are dropped once the socket is accepted (uvicorn keeps both for
+    the socket's life); and the scope gets a :class:`FrameWriter` in ``extensions[FRAME_WRITE]``, the
+    WebSocket twin of :class:`ChunkWriter`. The state it reads (:data:`_WS_STATE`, and the
+    websockets ``ServerProtocol``'s ``state`` and ``extensions``) is checked on the first socket; if
+    any is missing or of another kind it logs one warning and behaves exactly as uvicorn's own.
+    """
+
+    light: ClassVar[bool | None] = None
+    """Whether this process's uvicorn has the state this protocol reads; ``None`` until the first socket."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        light = WebSocketProtocol.light
+        if light is None:
+            light = _settle_ws(self)
+        if light:
+            self.queue = _Inbox()  # type: ignore[assignment]
+            self.writable = _Gate()  # type: ignore[assignment]
+
+    def handle_connect(self, event: Any) -> None:
+        """Let uvicorn answer the handshake and make the scope, then add the writer to the scope."""
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if WebSocketProtocol.light and scope is not None and not self.handshake_complete:
+            scope.setdefault("extensions", {})[FRAME_WRITE] = FrameWriter(self)
+
+    async def send(self, message: Any) -> None:
+        """uvicorn's send; after the accept, the handshake's request and response are let go."""
+        await super().send(message)
+        if self.handshake_complete and WebSocketProtocol.light and getattr(self, "response", None) is not None:
+            # the request also stays in the handshake parser's frame for the socket's life: its headers go
+            self.request.headers.clear()
+            self.request = self.response = None  # type: ignore[assignment]  # read before the accept only
+
+
+def _settle_ws(protocol: WebSocketProtocol) -> bool:
+    """Decide :attr:`WebSocketProtocol.light` on the first socket, once."""
+    missing = next((f"{name} ({kind.__name__})" for name, kind in _WS_STATE.items()
+                    if not isinstance(getattr(protocol, name, None), kind)), None)
+    if missing is None and not inspect.iscoroutinefunction(getattr(type(protocol), "receive", None)):
+        missing = "receive (a coroutine function)"
+    WebSocketProtocol.light = missing is None
+    if missing is not None:
+        log.warning("uvicorn %s's websockets-sansio protocol lacks %s, which Herald's lighter sockets read: "
+                    "serving it as uvicorn's own", uvicorn.__version__, missing, extra={"event": "fastwrite.ws"})
+    return missing is None
+
+
+def take_frame_writer(scope: Any) -> FrameWriter | None:
+    """Take the socket's writer out of ``scope`` (``None`` if it has none), as :func:`take_chunk_writer` does."""
+    extensions = scope.get("extensions")
+    return extensions.pop(FRAME_WRITE, None) if extensions else None
+
+
+class FrameWriter:
+    """``write(frame) -> bool`` for one socket: a whole server frame (``Frame.ws_frame``) written now, or not at all.
+
+    Written only while the socket is open and accepted, not closing, not compressed (a negotiated
+    extension frames each message itself), uvicorn's writing not paused, and the transport holding
+    nothing unsent; otherwise ``False``, and the message goes through ``send``. Never raises: a
+    failure retires the writer (logged once), as :class:`ChunkWriter` does.
+    """
+
+    __slots__ = ("_protocol",)
+
+    failure_logged: ClassVar[bool] = False
+
+    def __init__(self, protocol: WebSocketProtocol) -> None:
+        self._protocol: Any = protocol
+
+    def __call__(self, frame: bytes) -> bool:
+        """Write ``frame`` now if nothing can be overtaken or held back; else ``False``."""
+        protocol = self._protocol
+        try:
+            if (protocol is None or not protocol.handshake_complete or protocol.close_sent or protocol.disconnected
+                    or not protocol.writable.is_set()):
+                return False
+            conn = protocol.conn
+            if conn.state is not State.OPEN or conn.extensions:
+                return False
+            transport = protocol.transport
+            if transport.is_closing() or transport.get_write_buffer_size():
+                return False
+            transport.write(frame)
+        except Exception:
+            self._protocol = None
+            if not FrameWriter.failure_logged:
+                FrameWriter.failure_logged = True
+                log.warning("Herald's direct WebSocket write failed on uvicorn %s; that socket's messages go "
+                            "through ASGI", uvicorn.__version__, exc_info=True, extra={"event": "fastwrite.failed"})
+            return False
+        return True
+
+    def serves(self, send: Any, receive: Any) -> bool:
+        """Whether ``send`` and ``receive`` are uvicorn's own for this socket (no middleware stands in for it)."""
+        protocol = self._protocol
+        own_send, own_receive = getattr(protocol, "send", None), getattr(protocol, "receive", None)
+        return own_send is not None and bool(send == own_send) and bool(receive == own_receive)

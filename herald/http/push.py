@@ -27,7 +27,7 @@ from herald.auth import Grant, TokenError
 from herald.broker.base import BrokerError, HistoryPage
 from herald.http.admission import Seat, token_key
 from herald.http.commands import parse_prefer, submit
-from herald.http.fastwrite import ChunkWriter, take_chunk_writer
+from herald.http.fastwrite import ChunkWriter, FrameWriter, take_chunk_writer, take_frame_writer
 from herald.http.gateway import Gateway
 from herald.http.limits import client_of
 from herald.http.problems import HTTPProblem, problem_response
@@ -104,7 +104,7 @@ def admit(gateway: Gateway, conn: HTTPConnection, token: str | None) -> Seat:
                       kind="too-many-connections", headers={"Retry-After": "5"})
 
 
-def _origin_allowed(ws: WebSocket, settings: Settings) -> bool:
+def _origin_allowed(ws: HTTPConnection, settings: Settings) -> bool:
     """Whether the handshake's ``Origin`` may open a socket: none, the gateway's own, or a listed one.
 
     A browser always sends ``Origin`` (and the ``herald_token`` cookie) with a WebSocket handshake,
@@ -312,6 +312,18 @@ class EventStream(Response):
         return b"".join(parts), False
 
 
+class _DirectFrame:
+    """The hub's direct write for a socket: a frame as one whole WebSocket message."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, write: FrameWriter) -> None:
+        self.write = write
+
+    def __call__(self, frame: Frame) -> bool:
+        return self.write(frame.ws_frame)
+
+
 class _DirectWrite:
     """The hub's direct write for a single-topic stream: a frame as one chunk, its cursor noted as sent."""
 
@@ -368,10 +380,8 @@ class DisconnectWatch:
             waiting = coro.send(None)
         except StopIteration as done:
             self._coro = None
-            if done.value["type"] == "http.disconnect":
-                self._sub.close("client-gone")
-            else:
-                self._next()  # the (empty) request body; the next message is the disconnect
+            if self._got(done.value):
+                self._next()
             return
         except (Exception, asyncio.CancelledError):  # a receive that fails: the connection is gone
             self._coro = None
@@ -383,11 +393,41 @@ class DisconnectWatch:
             waiting._asyncio_future_blocking = False
             waiting.add_done_callback(self._step, context=_NO_CONTEXT)
 
+    def _got(self, message: Message) -> bool:
+        """Take one message ``receive()`` answered; whether to ask it for the next one now."""
+        if message["type"] == "http.disconnect":
+            self._sub.close("client-gone")
+            return False
+        return True  # the (empty) request body; the next message is the disconnect
+
     def cancel(self) -> None:
         """Stop watching (the stream is over)."""
         coro, self._coro = self._coro, None
         if coro is not None:
             coro.close()
+
+
+class SocketWatch(DisconnectWatch):
+    """A socket's reader without a task: :class:`DisconnectWatch`'s stepping, each message to its session.
+
+    An idle socket then holds no task of its own (1 KiB). A message that needs awaiting (a
+    subscribe reads the broker) runs in a short task, and the next one is asked for only after it,
+    as the reading loop did: uvicorn stops reading a socket whose last message nobody took.
+    """
+
+    __slots__ = ("_session",)
+
+    def __init__(self, receive: Receive, session: SocketSession) -> None:
+        self._session = session
+        super().__init__(receive, session.sub)
+
+    def _got(self, message: Message) -> bool:
+        return self._session.got(message, self)
+
+    def resume(self) -> None:
+        """Ask ``receive()`` for the next message (after a message that was awaited)."""
+        if self._coro is None and not self._sub.closed:
+            self._next()
 
 
 def _watch_task(receive: Receive, sub: Subscriber) -> asyncio.Task[None]:
@@ -489,30 +529,54 @@ async def topic_events(request: Request) -> Response:
 class SocketSession:
     """One WebSocket: a reader (this task's child) and a writer (the endpoint's own coroutine)."""
 
-    def __init__(self, gateway: Gateway, websocket: WebSocket) -> None:
+    def __init__(self, gateway: Gateway, websocket: WebSocket, *, url_token: str | None, topics: list[str]) -> None:
         self.gateway = gateway
         self.ws = websocket
         self.sub = Subscriber(gateway.settings.queue_size, "ws")
-        self.url_token = _token(websocket)
+        self.url_token = url_token
+        self.url_topics: list[str] | None = topics
+        """The topics named in the URL, subscribed once the socket is accepted (then let go)."""
         self.close_code = 1000
         self.close_reason = ""
         self._commands: set[asyncio.Task[None]] | None = None  # made on the first command: most sockets send none
+        self._handling: asyncio.Task[None] | None = None  # a message being awaited (SocketWatch)
+        self.writer: FrameWriter | None = None
+        # HERALD_WS_RATE as a token bucket: a burst of twice the rate, then the rate
+        self._allowance = max(1.0, 2 * gateway.settings.ws_rate)
+        self._last = 0.0
 
     async def run(self) -> None:
         """Serve the socket until either side ends it."""
         await self.ws.accept()
+        # The handshake's headers were read (origin, token, bearer subject); for its life the socket needs only
+        # Host (the URLs a command's answer carries), so the rest (0.7 KiB) is let go.
+        scope = self.ws.scope
+        scope["headers"] = [(name, value) for name, value in scope["headers"] if name == b"host"]
+        del scope
         self.gateway.hub.join(self.sub)  # counted from its accept, whether it follows topics or not
         self.sub.task = asyncio.current_task()
-        reader = asyncio.ensure_future(self._read())
+        # Herald's uvicorn protocol, reached through no middleware that stands in for the socket: its messages
+        # are taken by hand (SocketWatch); anything else is read by a task of its own
+        self.writer = take_frame_writer(self.ws.scope)
+        receive = getattr(self.ws, "_receive", None)
+        if self.writer is not None and not self.writer.serves(getattr(self.ws, "_send", None), receive):
+            self.writer = None
+        reader: SocketWatch | asyncio.Future[None] = (
+            SocketWatch(receive, self) if self.writer is not None and receive is not None
+            else asyncio.ensure_future(self._read()))
         try:
-            for topic in self.ws.query_params.getlist("topic"):
+            topics, self.url_topics = self.url_topics or [], None
+            for topic in topics:
                 await self._subscribe(topic, None, None, None)
+            del topics
             await self._write()
         except asyncio.CancelledError:
             if self.sub.reason != "slow-consumer":
                 raise
         finally:
             reader.cancel()
+            if self._handling is not None:
+                self._handling.cancel()
             for task in self._commands or ():
                 task.cancel()
             await self.gateway.hub.leave(self.sub)
@@ -529,17 +593,27 @@ class SocketSession:
 
     async def _write(self) -> None:
         send = self.ws.send_text
-        while True:
-            batch = await self.sub.next_batch()
-            if not batch:
-                return
-            for item in batch:
-                if item is HEARTBEAT:
-                    continue  # the WebSocket layer's own pings keep the connection alive
-                if isinstance(item, Gap):
-                    await send(ws_message("gap", **_gap_fields(item)))
-                    continue
-                await send(item.ws if isinstance(item, Frame) else item)  # type: ignore[arg-type]
+        # under Herald's uvicorn protocol (see run): an event frame is written whole, framed once for every
+        # socket, and an idle socket's frames are written by the hub without waking this coroutine
+        write = self.writer
+        if write is not None:
+            self.sub.direct = _DirectFrame(write)
+        try:
+            while True:
+                batch = await self.sub.next_batch()
+                if not batch:
+                    return
+                for item in batch:
+                    if item is HEARTBEAT:
+                        continue  # the WebSocket layer's own pings keep the connection alive
+                    if isinstance(item, Gap):
+                        await send(ws_message("gap", **_gap_fields(item)))
+                    elif not isinstance(item, Frame):
+                        await send(item)  # type: ignore[arg-type]
+                    elif write is None or not write(item.ws_frame):
+                        await send(item.ws)
+        finally:
+            self.sub.direct = None
 
     def _fail(self, code: int, reason: str) -> None:
         self.close_code = code
@@ -551,38 +625,56 @@ class SocketSession:
             self.gateway.metrics.limited(reason)
 
     async def _read(self) -> None:
-        # HERALD_WS_RATE as a token bucket in this frame's locals: a burst of twice the rate, then the rate
-        rate = self.gateway.settings.ws_rate
-        burst = allowance = max(1.0, 2 * rate)
-        clock = time.monotonic
-        last = clock()
+        """The reading loop, for a ``receive`` that Herald's uvicorn protocol does not vouch for."""
         try:
             while not self.sub.closed:
-                message = await self.ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                if rate:
-                    now = clock()
-                    allowance = min(burst, allowance + (now - last) * rate)
-                    last = now
-                    if allowance < 1:
-                        self._limited("ws-message-rate")
-                        self._fail(WS_CLOSE_POLICY, f"more than {rate:g} messages per second; slow down")
-                        return
-                    allowance -= 1
-                text = message.get("text")
-                if text is None:
-                    self._fail(WS_CLOSE_UNSUPPORTED, "binary messages are not supported; send JSON text")
-                    return
-                limit = self.gateway.settings.max_ws_message
-                # a character is up to 4 bytes: encode only when the length alone cannot decide
-                if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
-                    self._fail(WS_CLOSE_TOO_BIG, f"messages are limited to {limit} bytes")
-                    return
-                await self._handle(text)
+                text = self._take(await self.ws.receive())
+                if text is not None:
+                    await self._handle(text)
         except WebSocketDisconnect:
             pass
         self.sub.close("client-gone")
+
+    def got(self, message: Message, watch: SocketWatch) -> bool:
+        """A message taken by ``watch``; whether it may ask for the next one now (else it is resumed later)."""
+        text = self._take(message)
+        if text is None:
+            return not self.sub.closed
+        self._handling = asyncio.ensure_future(self._handle_then(text, watch))
+        return False
+
+    async def _handle_then(self, text: str, watch: SocketWatch) -> None:
+        try:
+            await self._handle(text)
+        finally:
+            self._handling = None
+        watch.resume()
+
+    def _take(self, message: Message) -> str | None:
+        """The text of a message to handle, or ``None`` (the client left, or the socket is failed for it)."""
+        if message["type"] == "websocket.disconnect":
+            self.sub.close("client-gone")
+            return None
+        rate = self.gateway.settings.ws_rate
+        if rate:
+            now = time.monotonic()
+            self._allowance = min(max(1.0, 2 * rate), self._allowance + (now - (self._last or now)) * rate)
+            self._last = now
+            if self._allowance < 1:
+                self._limited("ws-message-rate")
+                self._fail(WS_CLOSE_POLICY, f"more than {rate:g} messages per second; slow down")
+                return None
+            self._allowance -= 1
+        text: str | None = message.get("text")
+        if text is None:
+            self._fail(WS_CLOSE_UNSUPPORTED, "binary messages are not supported; send JSON text")
+            return None
+        limit = self.gateway.settings.max_ws_message
+        # a character is up to 4 bytes: encode only when the length alone cannot decide
+        if len(text) > limit or (len(text) * 4 > limit and len(text.encode()) > limit):
+            self._fail(WS_CLOSE_TOO_BIG, f"messages are limited to {limit} bytes")
+            return None
+        return text
 
     async def _handle(self, text: str) -> None:
         try:
@@ -695,17 +787,23 @@ class SocketSession:
 async def websocket_endpoint(websocket: WebSocket) -> None:
     """``/ws``: subscribe, unsubscribe, ping and commands as JSON text messages."""
     gateway = Gateway.of(websocket)
+    # the handshake is read through a connection object of its own: what it parses and caches (headers, query,
+    # cookies, URL) goes with it, instead of living on the WebSocket as long as the socket (1 KiB each)
+    handshake = HTTPConnection(websocket.scope)
+    token = _token(handshake)
     try:
-        if not _origin_allowed(websocket, gateway.settings):
+        if not _origin_allowed(handshake, gateway.settings):
             raise HTTPProblem(403, "this page's origin may not open Herald's WebSocket (see HERALD_CORS_ORIGINS)",
                               kind="forbidden-origin")
-        seat = admit(gateway, websocket, _token(websocket))
+        seat = admit(gateway, handshake, token)
     except HTTPProblem as exc:
         # Refuse the handshake with the problem an HTTP client gets; a close before accept is a bare 403.
         await websocket.send_denial_response(problem_response(exc))
         return
+    topics = handshake.query_params.getlist("topic")
+    del handshake
     try:
-        await SocketSession(gateway, websocket).run()
+        await SocketSession(gateway, websocket, url_token=token, topics=topics).run()
     finally:  # after the close too: a socket that has not taken its close frame yet still holds its seat
         gateway.admission.release(seat)
 

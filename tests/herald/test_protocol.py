@@ -326,3 +326,16 @@ def test_parse_client_frame_errors(raw: str | bytes, message: str) -> None:
 def test_unknown_type_error_lists_the_expected_types() -> None:
     with pytest.raises(ProtocolError, match=r"\['command', 'ping', 'subscribe', 'unsubscribe'\]"):
         parse_client_frame('{"type":"nope"}')
+
+
+def test_a_ws_text_frame_is_the_unmasked_frame_websockets_writes_at_every_length_boundary() -> None:
+    from websockets.frames import Frame as WSFrame
+    from websockets.frames import Opcode
+
+    from herald.protocol import ws_text_frame
+
+    for size in (0, 125, 126, 65535, 65536):
+        payload = b"x" * size
+        assert ws_text_frame(payload) == WSFrame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+    frame = Frame("chats/a", "1-0.e", "Tick", b'{"n":1}')
+    assert frame.ws_frame == ws_text_frame(frame.ws.encode()) and frame.ws_frame is frame.ws_frame

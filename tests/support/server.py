@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TEST_SECRET = "herald-test-secret-0123456789abcdef"
 HERALD_HTTP = "herald.http.fastwrite:HttpToolsProtocol"
 """uvicorn's --http for Herald (``herald serve`` uses it): for tests that run uvicorn in-process."""
+HERALD_WS = "herald.http.fastwrite:WebSocketProtocol"
+"""uvicorn's --ws for Herald (``herald serve`` uses it), likewise."""
 
 
 def free_port() -> int:

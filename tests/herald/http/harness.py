@@ -24,7 +24,7 @@ from herald.broker.base import Broker
 from herald.http.gateway import Gateway
 from herald.http.problems import PROBLEM_BASE, PROBLEM_JSON
 from herald.settings import Settings
-from tests.support.server import HERALD_HTTP, TEST_SECRET
+from tests.support.server import HERALD_HTTP, HERALD_WS, TEST_SECRET
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -117,13 +117,14 @@ async def in_process(*, domains: Iterable[Domain] | None = None, **overrides: An
 
 @contextlib.asynccontextmanager
 async def served(
-    *, http: str = HERALD_HTTP, domains: Iterable[Domain] | None = None,
+    *, http: str = HERALD_HTTP, ws: str = HERALD_WS, domains: Iterable[Domain] | None = None,
     prepare: Callable[[Starlette], None] | None = None, **overrides: Any
 ) -> AsyncIterator[LiveHerald]:
     """An app built from ``make_settings(**overrides)``, served by uvicorn on a free loopback port.
 
-    ``http`` is uvicorn's HTTP protocol: Herald's own (herald/http/fastwrite.py, as ``herald serve``
-    runs it) unless a test asks for uvicorn's ``"httptools"`` or ``"h11"``. ``prepare(app)`` runs
+    ``http`` and ``ws`` are uvicorn's HTTP and WebSocket protocols: Herald's own (herald/http/fastwrite.py,
+    as ``herald serve`` runs them) unless a test asks for uvicorn's (``"httptools"``, ``"h11"``,
+    ``"websockets-sansio"``). ``prepare(app)`` runs
     before the app starts (to add a middleware, say).
     """
     app = make_app(domains, **overrides)
@@ -134,7 +135,7 @@ async def served(
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False, timeout_graceful_shutdown=1,
-                            http=http)
+                            http=http, ws=ws)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn-{port}")
     try:

@@ -2,8 +2,8 @@
 
 Two ways to fall behind: a burst larger than the queue while the connection is healthy (the
 transport then says why it closes: SSE ``herald.disconnect``, WebSocket close ``4008``; on
-Herald's own uvicorn protocol an SSE frame that finds the stream idle is written to the socket
-at once, so there a burst fills the queue only once the socket itself is full), and a
+Herald's own uvicorn protocols an SSE or WebSocket frame that finds the connection idle is written to
+the socket at once, so there a burst fills the queue only once the socket itself is full), and a
 client that stops reading altogether (its socket buffers fill, its queue overflows, and after
 ``slow_client_grace`` its connection is cut) while a well-behaved client on the same topic
 receives every event.
@@ -151,7 +151,8 @@ async def test_sse_burst_to_a_reading_client_is_written_straight_through_on_hera
 
 
 async def test_websocket_burst_overflow_closes_4008(make_live: Callable[..., Awaitable[LiveHerald]]) -> None:
-    live = await make_live(queue_size=4)
+    # uvicorn's own protocol: every frame goes through the socket's queue, which the burst overflows
+    live = await make_live(queue_size=4, ws="websockets-sansio")
     token = live.gateway.signer.issue(["chats/burst"])
     url = f"{live.ws_url}/ws?topic=chats/burst&token={token}"
     async with connect(url, open_timeout=5, compression=None, proxy=None) as ws:
@@ -163,6 +164,22 @@ async def test_websocket_burst_overflow_closes_4008(make_live: Callable[..., Awa
                     await ws.recv()
     assert ws.close_code == 4008
     assert ws.close_reason == "fell behind; reconnect with your cursor and nothing is lost"
+
+
+async def test_websocket_burst_to_a_reading_client_is_written_straight_through_on_heralds_protocol(
+    make_live: Callable[..., Awaitable[LiveHerald]],
+) -> None:
+    # the same burst on Herald's socket protocol: each frame finds the socket idle and is written at once
+    live = await make_live(queue_size=4)
+    token = live.gateway.signer.issue(["chats/burst"])
+    async with connect(f"{live.ws_url}/ws?topic=chats/burst&token={token}", open_timeout=5, compression=None,
+                       proxy=None) as ws:
+        assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "subscribed"
+        cursors = await publish(live, "chats/burst", 10)
+        got = [orjson.loads(await asyncio.wait_for(ws.recv(), 5)) for _ in range(10)]
+    assert [m["cursor"] for m in got] == cursors
+    assert [m["event"]["data"]["n"] for m in got] == list(range(10))
+    assert live.gateway.hub.slow_disconnects == 0
 
 
 # A client that stops reading ---------------------------------------------------------------------
