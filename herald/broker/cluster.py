@@ -91,6 +91,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from herald.broker import slots
 from herald.broker.base import Accepted, BrokerUnavailable, Delivery, IdempotencyConflict, OperationNotFound
 from herald.broker.nodes import NodeCalls, NotSent
+from herald.broker.reads import ArmedReads
 from herald.broker.redis import (
     _CAS_ATTEMPTS,
     _LONG_IDLE_MS,
@@ -286,7 +287,7 @@ class ClusterBroker(RedisBroker):
         )
         cluster.gate = self._gate
         self._redis: Any = cluster
-        self.calls = NodeCalls(cluster, self._gate)
+        self.calls = NodeCalls(cluster, self._gate, timeout=socket_timeout)
         """Raw calls routed by slot; also what the RedisBroker code inherited here calls its pipe."""
         self._pipe: Any = self.calls
         # every script of the RedisBroker, registered again on the cluster client, PUBLISH made SPUBLISH
@@ -305,6 +306,7 @@ class ClusterBroker(RedisBroker):
         self._spread = itertools.count()
         self._tags: dict[str, list[str]] = {}
         self._turns: dict[str, int] = {}
+        self._armed: dict[tuple[str, tuple[str, ...]], ArmedReads] = {}
         # the records of operations whose requests this process was handed (see get_operation)
         self._carried: dict[str, tuple[bytes, int, str | None, int]] = {}
 
@@ -316,7 +318,10 @@ class ClusterBroker(RedisBroker):
             await asyncio.to_thread(slots.warm)
 
     async def close(self) -> None:
-        """Stop the fan-out and close every connection."""
+        """Give back what armed reads brought, stop the fan-out and close every connection."""
+        for armed in self._armed.values():
+            await armed.close()
+        self._armed.clear()
         if self._fanout is not None:
             await self._fanout.close()
             self._fanout = None
@@ -359,21 +364,38 @@ class ClusterBroker(RedisBroker):
     def _replicas_ok(self, slot: int) -> bool:
         """Whether the master of ``slot`` had ``wait_replicas`` replicas when last asked (unknown counts as yes:
         WAIT is what decides). Asks again, in the background, when that was over a second ago."""
-        try:
-            node = self._redis.nodes_manager.get_node_from_slot(slot)
-        except Exception:  # no slot map yet, or the slot is not served: let the write find out
+        node = self._master(slot)
+        if node is None:
             return True
         known = self._replicas.get(node.name)
         if known is None or time.monotonic() - known[1] > 1.0:
-            self._replicas[node.name] = (known[0] if known else self.wait_replicas, time.monotonic())
             task = asyncio.ensure_future(self._count_replicas(node))
             self._checks.add(task)
             task.add_done_callback(self._checks.discard)
         return known is None or known[0] >= self.wait_replicas
 
-    async def _count_replicas(self, node: ClusterNode) -> None:
+    async def _replicas_now(self, slot: int) -> bool:
+        """:meth:`_replicas_ok`, asking the master first when what is known of it is over a second old (a refusal
+        is never made on old news: a replica may be back)."""
+        node = self._master(slot)
+        if node is None:
+            return True
+        known = self._replicas.get(node.name)
+        if known is not None and known[0] < self.wait_replicas and time.monotonic() - known[1] > 1.0:
+            await self._count_replicas(node)
+        return self._replicas_ok(slot)
+
+    def _master(self, slot: int) -> ClusterNode | None:
         try:
-            [role] = await self.calls.on_node(node, [("ROLE",)])
+            return self._redis.nodes_manager.get_node_from_slot(slot)
+        except Exception:  # no slot map yet, or the slot is not served: let the write find out
+            return None
+
+    async def _count_replicas(self, node: ClusterNode) -> None:
+        self._replicas[node.name] = (self._replicas.get(node.name, (self.wait_replicas, 0.0))[0], time.monotonic())
+        try:
+            async with asyncio.timeout(self._ping_timeout):
+                [role] = await self.calls.on_node(node, [("ROLE",)])
             count = len(role[2]) if isinstance(role, list) and role[0] == b"master" else 0
         except Exception:  # unreachable: nothing can be confirmed there
             count = 0
@@ -402,7 +424,7 @@ class ClusterBroker(RedisBroker):
         idem = _key("idem", idempotency_key) if idempotency_key is not None else None
         if idem is not None and slots.key_slot(idem) != slots.key_slot(op_key):
             raise ValueError("an operation accepted with an idempotency key needs an id from operation_id(key)")
-        stream = self._request_stream(request.type, slots.key_slot(op_key))
+        stream = await self._request_stream(request.type, slots.key_slot(op_key))
         expires = int(time.time() * 1000) + _ms(self.operation_ttl)
         entry: list[Any] = ["XADD", stream, "*", "event", request.encoded, "op", orjson.dumps(operation.to_record()),
                             "exp", expires]
@@ -415,7 +437,7 @@ class ClusterBroker(RedisBroker):
                     return known
         try:
             with _reachable(self):
-                queued = await self.calls.run(stream, [entry, *self._wait()])
+                queued = await self.calls.run(stream, [entry, *self._wait()], pooled=True)
         except BrokerUnavailable as exc:
             if not isinstance(exc.__cause__, NotSent):
                 await self._void(operation, idem, expires)
@@ -443,7 +465,8 @@ class ClusterBroker(RedisBroker):
         while True:
             try:
                 with _reachable(self):
-                    replies = await self.calls.execute_script(self._create_script, keys, args, then=self._wait())
+                    replies = await self.calls.execute_script(self._create_script, keys, args, then=self._wait(),
+                                                              pooled=True)
                 return self._confirmed_by_replicas(keys[0], replies)
             except ReplicasMissing:
                 raise
@@ -453,18 +476,18 @@ class ClusterBroker(RedisBroker):
                 await self.calls.refresh()
                 await asyncio.sleep(0.2)
 
-    def _request_stream(self, event_type: str, op_slot: int) -> str:
+    async def _request_stream(self, event_type: str, op_slot: int) -> str:
         """The next shard of ``event_type`` in turn (with ``wait_replicas``: the next whose master has them)."""
         tags = self._shard_tags(event_type)
         turn = next(self._spread)
         if not self.wait_replicas:
             return _key("req", tags[turn % len(tags)])
-        if not self._replicas_ok(op_slot):
+        if not await self._replicas_now(op_slot):
             self.errors += 1
             raise BrokerUnavailable("the operation's shard has fewer replicas than HERALD_REDIS_WAIT_REPLICAS")
         for i in range(len(tags)):
             key = _key("req", tags[(turn + i) % len(tags)])
-            if self._replicas_ok(slots.key_slot(key)):
+            if await self._replicas_now(slots.key_slot(key)):
                 return key
         self.errors += 1
         raise BrokerUnavailable("no request shard has HERALD_REDIS_WAIT_REPLICAS replicas")
@@ -536,7 +559,8 @@ class ClusterBroker(RedisBroker):
     async def consume(
         self, types: Sequence[str], consumer: str, *, count: int = 1, block: float = 1.0
     ) -> list[Delivery]:
-        """Reclaimed deliveries first, then new ones from every shard, waiting up to ``block`` s (module docstring)."""
+        """Reclaimed deliveries first, then what this consumer's armed reads brought, then new ones read from the
+        shards not armed, waiting up to ``block`` s on reads armed on every shard (module docstring)."""
         if not types or count < 1:
             return []
         loop = asyncio.get_running_loop()
@@ -545,6 +569,10 @@ class ClusterBroker(RedisBroker):
         turn = self._turns[consumer] = self._turns.get(consumer, -1) + 1
         order = list(keys)[turn % len(keys):] + list(keys)[:turn % len(keys)]  # fair: a rotating start
         state = (consumer, tuple(keys))
+        armed = self._armed.get(state)
+        if armed is None:
+            armed = self._armed[state] = ArmedReads(self.calls, GROUP, consumer, hold=self._poll,
+                                                    give_back=self._give_back, parse=_entries)
         regrouped = False
         while True:
             try:
@@ -554,14 +582,23 @@ class ClusterBroker(RedisBroker):
                     if loop.time() >= self._reclaim_at.get(state, 0.0):
                         out = await self._reclaim_shards(order, keys, consumer, count)
                         self._reclaim_at[state] = 0.0 if len(out) >= count else loop.time() + self._poll
-                    if len(out) < count:
-                        new = await self._sweep(order, keys, consumer, count - len(out))
-                        wait = min(max(0.0, deadline - loop.time()), self._poll)
-                        if not new and wait > 0:
-                            new = await self._wait_new(order, keys, consumer, count - len(out), wait)
-                        if not new:
-                            self._reclaim_at[state] = 0.0  # idle: look for abandoned work before waiting again
-                        out += new
+                    for key, entry in armed.take(count - len(out)):
+                        delivery = await self._delivery(key, keys[key], entry)
+                        out += [delivery] if delivery is not None else []
+                    idle = [key for key in order if key not in armed.armed]
+                    if len(out) < count and idle:
+                        out += await self._sweep(idle, keys, consumer, count - len(out))
+                    if len(out) >= count:
+                        await armed.disarm()  # full: stop fetching work this consumer cannot start now
+                    wait = min(max(0.0, deadline - loop.time()), self._poll)
+                    if out or wait <= 0:
+                        return out
+                    for key in order:
+                        armed.arm(key, count, wait, wait + self._socket_timeout)
+                    await armed.wait(wait)
+                    self._raise_read_errors(armed)
+                    if not armed.buffered:
+                        self._reclaim_at[state] = 0.0  # idle: look for abandoned work before waiting again
             except ResponseError as exc:
                 # NOGROUP: the group vanished (a failover to a replica that never had it); make it once more
                 if "NOGROUP" not in str(exc) or regrouped:
@@ -569,8 +606,16 @@ class ClusterBroker(RedisBroker):
                 regrouped = True
                 self._groups.clear()
                 continue
-            if out or loop.time() >= deadline:
-                return out
+
+    def _raise_read_errors(self, armed: ArmedReads) -> None:
+        """What armed reads ended with: NOGROUP is raised (the groups are made again); a slot on the move or a
+        master away is left to the next round, once the slot map is read again."""
+        errors, armed.errors = armed.errors, []
+        for error in errors:
+            if isinstance(error, ResponseError) and "NOGROUP" in str(error):
+                raise error
+        if errors:
+            self.calls.refresh_soon()
 
     async def _reclaim_shards(self, order: list[str], keys: dict[str, str], consumer: str,
                               count: int) -> list[Delivery]:
@@ -610,44 +655,6 @@ class ClusterBroker(RedisBroker):
             raise failed[0]
         return [(key, _entries(reply)) for (key, _), reply in zip(asked, replies, strict=True)
                 if not isinstance(reply, Exception)]
-
-    async def _wait_new(self, order: list[str], keys: dict[str, str], consumer: str, want: int,
-                        wait: float) -> list[Delivery]:
-        """Block on every shard at once; the first to answer with entries ends the others (``CLIENT UNBLOCK``)."""
-        ids: list[asyncio.Future[tuple[ClusterNode, int]]] = [asyncio.get_running_loop().create_future()
-                                                               for _ in order]
-        tasks = [asyncio.ensure_future(self.calls.blocking(
-            key, ("XREADGROUP", "GROUP", GROUP, consumer, "COUNT", want, "BLOCK", max(1, int(wait * 1000)),
-                  "STREAMS", key, ">"), client_id, timeout=wait + self._socket_timeout))
-            for key, client_id in zip(order, ids, strict=True)]
-        try:
-            done, pending = await asyncio.wait(tasks, timeout=wait + self._socket_timeout,
-                                               return_when=asyncio.FIRST_COMPLETED)
-            if pending and any(not t.cancelled() and t.exception() is None and t.result() for t in done):
-                await asyncio.gather(*(self.calls.unblock(client_id) for task, client_id in zip(tasks, ids,
-                                                                                               strict=True)
-                                       if task in pending), return_exceptions=True)
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            for task in tasks:
-                task.cancel()
-        got: list[tuple[str, list[Any]]] = []
-        errors: list[BaseException] = []
-        for key, result in zip(order, results, strict=True):
-            if isinstance(result, BaseException):
-                errors.append(result)
-            else:
-                got.append((key, _entries(result)))
-        for error in errors:
-            if isinstance(error, ResponseError) and "NOGROUP" in str(error):
-                raise error
-        if errors and not got:
-            if all(isinstance(e, ResponseError) for e in errors):  # MOVED, UNBLOCKED: a slot on the move
-                await self.calls.refresh()
-                await asyncio.sleep(0.05)
-                return []
-            raise errors[0]
-        return await self._take(got, keys, want)
 
     async def _take(self, got: Sequence[tuple[str, Sequence[Any]]], keys: dict[str, str],
                     count: int) -> list[Delivery]:
@@ -689,13 +696,17 @@ class ClusterBroker(RedisBroker):
             log.error("dropping an unreadable request entry %s from %s", entry_id, key)
             await self._done(key, entry_id)
             return None
+        deliveries = entry[2] if len(entry) > 2 else 1
+        carried: Operation | None = None
         if b"op" in fields and event.correlationid:
             idem = fields.get(b"idem")
             if len(self._carried) >= _CARRIED_MAX:
                 self._carried.pop(next(iter(self._carried)))
             self._carried[event.correlationid] = (fields[b"op"], int(fields[b"exp"]), _text(idem) if idem else None,
                                                   int(entry_id.split("-", 1)[0]))
-        return Delivery(event=event, delivery_id=f"{tag}|{entry_id}", deliveries=entry[2] if len(entry) > 2 else 1)
+            if deliveries == 1:  # the operation as accepted: a first delivery is moved to running without a read
+                carried = Operation.from_record(orjson.loads(fields[b"op"]))
+        return Delivery(event=event, delivery_id=f"{tag}|{entry_id}", deliveries=deliveries, operation=carried)
 
     async def ack(self, delivery: Delivery) -> None:
         """Acknowledge and delete the entry (and forget the record it carried)."""
@@ -757,7 +768,7 @@ class ClusterBroker(RedisBroker):
             extra += [_ms(self._ttl(topic)), staged.type, staged.encoded]
         if others:
             known = None  # publish only once the stored operation said yes: a caller's copy may be stale
-        published = False
+        published = revived = False
         for _ in range(_CAS_ATTEMPTS):
             current, known = known or await self.get_operation(operation_id), None
             try:
@@ -782,6 +793,13 @@ class ClusterBroker(RedisBroker):
                 if ack is not None:
                     await self._ack_after(ack)
                 return updated
+            if outcome == b"missing" and operation_id in self._carried and not revived:
+                # moved from the copy its request carried, before the accept stored it (or after the accept failed):
+                # get_operation waits for it, or creates it, as for any request whose operation is missing
+                revived = True
+                known = await self.get_operation(operation_id)
+                if known is not None:
+                    continue
             if outcome in (b"missing", b"illegal"):
                 if ack is not None:
                     await self.ack(ack)

@@ -14,8 +14,13 @@ command was not run), ``ASK`` sends it once to the importing node after ``ASKING
 connection is never written to twice: the error goes up (``BrokerUnavailable`` in the broker) and
 the slot map is read again before the next call, so a promoted replica is found.
 
-Every call waits for one of ``limit`` turns (shared with the broker's RedisCluster client), so a
-burst of calls waits instead of failing with redis-py's ``MaxConnectionsError``.
+The plain calls of a loop turn go to each master through one auto-pipelined connection
+(:class:`herald.broker.pipeline.AutoPipeline`, as on one Redis): one write per master per turn.
+What must have a connection to itself (``run(..., pooled=True)``: a write followed by ``WAIT``,
+which would hold up every call queued behind it, or a write whose connection must be known to
+have never been made) takes one of the node's pool, waiting for one of ``limit`` turns shared with
+the broker's RedisCluster client (a burst waits instead of failing with ``MaxConnectionsError``).
+Blocking reads have connections of their own, each with its ``CLIENT ID`` asked once.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from herald.broker.pipeline import AutoPipeline
 from herald.broker.slots import key_slot
 
 log = logging.getLogger("herald.broker.cluster")
@@ -45,6 +52,26 @@ _REFRESH_EVERY = 0.2  # seconds between two reads of the slot map at most
 
 class NotSent(RedisConnectionError):
     """The connection could not be made: the commands were never sent (so sending them again is safe)."""
+
+
+_UNSENT: dict[Any, Any] = {}
+
+
+def _reporting_unsent(cls: Any) -> Any:
+    """``cls`` whose ``connect`` raises :class:`NotSent` when the connection cannot be made (so an auto-pipelined
+    call to a dead master is known to have gone nowhere); made once per connection class."""
+    made = _UNSENT.get(cls)
+    if made is None:
+
+        class Connection(cls):
+            async def connect(self) -> None:
+                try:
+                    await super().connect()
+                except RedisConnectionError as exc:
+                    raise NotSent(str(exc)) from exc
+
+        made = _UNSENT[cls] = Connection
+    return made
 
 
 def command_key(args: Command) -> Arg:
@@ -64,9 +91,12 @@ def command_key(args: Command) -> Arg:
 class NodeCalls:
     """Raw calls routed by slot to the masters of a Redis Cluster (see the module docstring)."""
 
-    def __init__(self, cluster: RedisCluster, gate: asyncio.Semaphore) -> None:
+    def __init__(self, cluster: RedisCluster, gate: asyncio.Semaphore, *, timeout: float) -> None:
         self._cluster = cluster
         self._gate = gate
+        self._timeout = timeout
+        self._pipes: dict[str, AutoPipeline] = {}
+        self._blockers: dict[str, list[tuple[AbstractConnection, int]]] = {}  # idle blocking connections, per node
         self._refreshed = 0.0
         self._refreshing: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -109,6 +139,15 @@ class NodeCalls:
         finally:
             self._refreshed = time.monotonic()
 
+    def pipe(self, node: ClusterNode) -> AutoPipeline:
+        """The auto-pipelined connection to ``node``."""
+        pipe = self._pipes.get(node.name)
+        if pipe is None:
+            unsent = _reporting_unsent(node.connection_class)
+            pipe = self._pipes[node.name] = AutoPipeline(
+                lambda: unsent(**{**node.connection_kwargs, "socket_timeout": None}), timeout=self._timeout)
+        return pipe
+
     # Calls --------------------------------------------------------------------------------
     async def execute(self, *args: Arg) -> Any:
         """One command; its raw reply (an error reply is raised)."""
@@ -130,8 +169,9 @@ class NodeCalls:
 
         async def on(node: ClusterNode, positions: list[int]) -> None:
             try:
-                got = await self.on_node(node, [commands[i] for i in positions])
+                got = await self.pipe(node).execute_many([commands[i] for i in positions])
             except Exception as exc:  # this master is unreachable: its commands fail, the others' stand
+                self.refresh_soon()
                 got = [exc] * len(positions)
             for i, reply in zip(positions, got, strict=True):
                 replies[i] = reply
@@ -150,12 +190,12 @@ class NodeCalls:
         return await self.execute_script(script, keys, args)
 
     async def execute_script(self, script: AsyncScript, keys: Sequence[Arg], args: Sequence[Arg],
-                             *, then: Sequence[Command] = ()) -> Any:
-        """:meth:`script`, and ``then`` on the same connection right after it (``WAIT``); the script's reply and
-        theirs when ``then`` is given."""
+                             *, then: Sequence[Command] = (), pooled: bool = False) -> Any:
+        """:meth:`script`, and ``then`` on the same connection right after it (``WAIT``: ``pooled``); the script's
+        reply and theirs when ``then`` is given."""
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         for _ in range(2):
-            replies = await self.run(keys[0], [command, *then])
+            replies = await self.run(keys[0], [command, *then], pooled=pooled)
             if isinstance(replies[0], NoScriptError):
                 # a master that lost its scripts (a restart, a promoted replica that never had them)
                 await self.run(keys[0], [("SCRIPT", "LOAD", _bytes(script.script))])
@@ -165,17 +205,19 @@ class NodeCalls:
             return replies if then else replies[0]
         raise NoScriptError("the script could not be loaded")
 
-    async def run(self, key: Arg, commands: Sequence[Command]) -> list[Any]:
-        """``commands`` (all of ``key``'s slot) in one write on one connection of the master that serves the slot.
+    async def run(self, key: Arg, commands: Sequence[Command], *, pooled: bool = False) -> list[Any]:
+        """``commands`` (all of ``key``'s slot) in one write to the master that serves the slot: on its
+        auto-pipelined connection, or (``pooled``) on a connection of its pool taken for them alone.
 
         Their replies in order, error replies as exceptions. A redirection of the first command (which means
-        none of them ran there) sends them all again where the cluster says.
+        none of them ran there) sends them all again where the cluster says. On a pooled connection that
+        could not even be made, they are sent once more if the slot map now names another master.
         """
         slot = key_slot(_bytes(key))
         asking: ClusterNode | None = None
         replies: list[Any] = []
-        moved_on = False
-        for _ in range(_REDIRECTS):
+        unsent_until: float | None = None
+        for _ in range(_REDIRECTS + 10):
             if asking is not None:
                 node = asking
                 sent: list[Command] = [c for command in commands for c in (("ASKING",), command)]
@@ -183,14 +225,17 @@ class NodeCalls:
                 node = await self.node(slot)
                 sent = list(commands)
             try:
-                replies = await self.on_node(node, sent)
+                replies = await (self.on_node(node, sent) if pooled else self.pipe(node).execute_many(sent))
             except NotSent:
-                # the master is gone: if the slot map says another serves the slot now (a failover done),
-                # send there, once (nothing was sent, so nothing can run twice)
-                await self.refresh()
-                if moved_on or await self.node(slot) is node:
+                # the master is gone. Nothing was sent, so nothing can run twice: for up to a second, read the slot
+                # map again (the nodes learn of a failover a moment apart) and send where it says, if it moved on
+                now = time.monotonic()
+                unsent_until = unsent_until or now + min(1.0, self._timeout)
+                if now > unsent_until:
                     raise
-                moved_on = True
+                await self.refresh()
+                if await self.node(slot) is node:
+                    await asyncio.sleep(_REFRESH_EVERY)
                 continue
             except Exception:
                 self.refresh_soon()  # the master may be gone: find who serves its slots now
@@ -242,24 +287,35 @@ class NodeCalls:
                        timeout: float) -> Any:
         """A blocking ``command`` on the master of ``key``, its reply awaited up to ``timeout`` s; ``client_id`` gets
         (the node, the connection's ``CLIENT ID``) as soon as it is known, for :meth:`unblock`. Its raw reply (an
-        error reply is raised)."""
+        error reply is raised). The connection is one kept for blocking reads, its id asked once."""
         node = await self.node(key_slot(_bytes(key)))
-        async with self._gate:
-            conn = node.acquire_connection()
-            try:
-                await conn.send_packed_command(conn.pack_commands([("CLIENT", "ID"), command]))
-                client_id.set_result((node, int(await conn.read_response())))
-                return await conn.read_response(timeout=timeout)
-            except ResponseError:
-                raise  # the reply was read whole: the connection is fine
-            except BaseException:
+        idle = self._blockers.setdefault(node.name, [])
+        conn: AbstractConnection | None = None
+        try:
+            if idle:
+                conn, number = idle.pop()
+            else:
+                conn = node.connection_class(**node.connection_kwargs)
+                await conn.connect()
+                await conn.send_packed_command(conn.pack_command("CLIENT", "ID"))
+                number = int(await conn.read_response())
+            client_id.set_result((node, number))
+            await conn.send_packed_command(conn.pack_command(*command))
+            reply = await conn.read_response(timeout=timeout)
+        except ResponseError:
+            assert conn is not None
+            idle.append((conn, number))  # the reply was read whole: the connection is fine
+            raise
+        except BaseException:
+            if conn is not None:
                 await conn.disconnect(nowait=True)
-                self.refresh_soon()
-                raise
-            finally:
-                node.release(conn)
-                if not client_id.done():
-                    client_id.cancel()
+            self.refresh_soon()
+            raise
+        finally:
+            if not client_id.done():
+                client_id.cancel()
+        idle.append((conn, number))
+        return reply
 
     async def unblock(self, client_id: asyncio.Future[tuple[ClusterNode, int]]) -> None:
         """End the blocking call that ``client_id`` belongs to as if its timeout had come (``CLIENT UNBLOCK``)."""
@@ -270,9 +326,16 @@ class NodeCalls:
         await self.on_node(node, [("CLIENT", "UNBLOCK", number, "TIMEOUT")])
 
     async def close(self) -> None:
-        """Nothing of its own to close: the connections are the cluster client's."""
+        """Close the auto-pipelined and blocking connections (the pools are the cluster client's)."""
         if self._refreshing is not None:
             self._refreshing.cancel()
+        for pipe in self._pipes.values():
+            await pipe.close()
+        for idle in self._blockers.values():
+            for conn, _ in idle:
+                await conn.disconnect(nowait=True)
+        self._pipes.clear()
+        self._blockers.clear()
 
 
 def _bytes(value: Arg | memoryview) -> bytes:

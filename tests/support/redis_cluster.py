@@ -124,8 +124,8 @@ class LocalCluster:
         return next(n for n in self.nodes() if n.master and not n.failed and n.serves(slot))
 
     def heal(self, timeout: float | None = None) -> None:
-        """Wait until every running node says ``cluster_state:ok``, each master of the slots has a live replica,
-        and all running nodes agree on the slots' owners."""
+        """Wait until every running node says ``cluster_state:ok``, each master of the slots has a live replica in
+        sync, and all running nodes agree on the slots' owners."""
         deadline = time.monotonic() + (timeout or self.startup_timeout)
         problem = "not checked yet"
         while time.monotonic() < deadline:
@@ -145,11 +145,14 @@ class LocalCluster:
                 with self.client(server.port) as client:
                     info: Any = client.execute_command("CLUSTER", "INFO")
                     raw: Any = client.execute_command("CLUSTER", "NODES")
+                    role: Any = client.execute_command("ROLE")
             except redis.RedisError as exc:
                 return f"127.0.0.1:{server.port}: {exc}"
             info_text = info.decode() if isinstance(info, bytes) else str(info)
             if "cluster_state:ok" not in info_text:
                 return f"127.0.0.1:{server.port} is not ok yet"
+            if role[0] == b"slave" and role[3] != b"connected":  # a replica still syncing cannot confirm a WAIT
+                return f"127.0.0.1:{server.port} is a replica not in sync yet ({role[3]!r})"
             nodes = [_node(line) for line in (raw.decode() if isinstance(raw, bytes) else raw).splitlines()
                      if line.strip()]
             if any(n.failed for n in nodes):

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.herald.cluster.support import SSEListener, eventually, eventually_async, in_order_once, run_bounded
-from tests.herald.rediscluster.support import Deployment, topics_on_every_master
+from tests.herald.rediscluster.support import Deployment, post_until_accepted, topics_on_every_master
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -140,7 +140,7 @@ async def test_a_shard_whose_replica_is_gone_refuses_commands_with_503_while_the
         assert 202 in statuses, statuses
     await asyncio.to_thread(cluster.revive, replica.port)
     await asyncio.to_thread(cluster.heal)
-    async with httpx.AsyncClient(base_url=gateway.url, timeout=10.0) as http:
-        again = await http.post("/chats/lonely/messages", json={"author": "r", "text": "back"},
-                                headers={"Idempotency-Key": key_on(True) + "-after"})
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=10.0) as http:  # the replica back: accepted again
+        again = await post_until_accepted(http, "/chats/lonely/messages", {"author": "r", "text": key_on(True)},
+                                          attempts=50, headers={"Idempotency-Key": key_on(True)})
         assert again.status_code == 202, again.text
