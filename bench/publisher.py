@@ -129,6 +129,10 @@ async def _publisher(spec: dict[str, Any]) -> tuple[Publish, Callable[[], Awaita
         from bench.mercure import mercure_publisher
 
         return await mercure_publisher(spec, ticks.encoded)
+    if kind == "herald" and str(spec.get("redis_url", "")).startswith("redis+cluster://"):
+        from bench.cluster import cluster_publisher
+
+        return await cluster_publisher(spec, ticks.encoded)
     if kind in ("herald", "naive"):
         pool = [await RawRedis.connect(spec["redis_url"]) for _ in range(int(spec.get("concurrency", 4)))]
         turn = itertools.cycle(pool)

@@ -168,6 +168,11 @@ PARTIES = [("cpu_us_per_delivery", "server (gateway + worker)"), ("redis_cpu_us_
            ("loadgen_cpu_us_per_delivery", "subscribers (bench)")]
 
 
+def _label(result: Result) -> str:
+    """The target's name, and the Redis it ran on when that is not the usual single one (bench/cluster.py)."""
+    return result.target + (" (Redis Cluster)" if "Redis Cluster" in result.variant else "")
+
+
 def _c_budget(results: list[Result], meta: dict[str, Any]) -> list[str]:
     """Scenario C's CPU per delivery, party by party, and the kernel's floor under the server's share."""
     rows = [r for r in results if r.scenario == "C" and "as fast" in r.variant and not r.error]
@@ -175,7 +180,7 @@ def _c_budget(results: list[Result], meta: dict[str, Any]) -> list[str]:
         return []
     lines = ["### C as fast as it goes: CPU µs per delivery, by party", "",
              "All parties share the machine's cores, so a delivery rate cannot exceed cores x 10^6 / (their sum).",
-             "", "| party | " + " | ".join(r.target for r in rows) + " |", "|" + " --- |" * (len(rows) + 1)]
+             "", "| party | " + " | ".join(_label(r) for r in rows) + " |", "|" + " --- |" * (len(rows) + 1)]
     for key, label in PARTIES:
         lines.append(f"| {label} | " + " | ".join(_fmt(r.metrics.get(key)) for r in rows) + " |")
     sums = [sum(r.metrics.get(k) or 0 for k, _ in PARTIES) for r in rows]
@@ -288,7 +293,7 @@ def markdown(results: list[Result], meta: dict[str, Any], targets: list[str]) ->
                   "| POST p99 ms |", "|" + " --- |" * 10]
         for r in d_results:
             for s in r.metrics["steps"]:
-                lines.append(f"| {r.target} | {s['rate']} | {_fmt(s['achieved_rate'])} | {s['posted']} | "
+                lines.append(f"| {_label(r)} | {s['rate']} | {_fmt(s['achieved_rate'])} | {s['posted']} | "
                              f"{s['accepted']} | {s['delivered']} | {_fmt(s['p50_ms'])} | {_fmt(s['p99_ms'])} | "
                              f"{_fmt(s['max_ms'])} | {_fmt(s['post_p99_ms'])} |")
     errors = [r for r in results if r.error]

@@ -666,6 +666,10 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
         out.append(Case("D", f"POST->event, {sizes.d_rooms} room streams, steps {'/'.join(map(str, sizes.d_rates))}/s",
                         functools.partial(end_to_end, rooms=sizes.d_rooms, rates=sizes.d_rates,
                                           step_seconds=sizes.d_step_seconds), commands=True))
+    if "C" in selected or "D" in selected:  # C and D again, on a Redis Cluster (bench/cluster.py)
+        from bench.cluster import cluster_cases
+
+        out += cluster_cases(selected, sizes, workdir_of)
     if "E" in selected:
         for n in sizes.e_sizes:
             out.append(Case("E", f"WS idle x{n}", functools.partial(idle_capacity, n=n, transport="ws",

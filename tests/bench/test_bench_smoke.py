@@ -50,7 +50,9 @@ def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_p
             assert m.get("out_of_order", 0) == 0
             assert 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"]
     bursts = [r["metrics"] for r in rows if "as fast" in r["variant"]]
-    assert len(bursts) == 4  # C and the WebSocket C, on both targets: two rounds of one event per topic each
+    # C and the WebSocket C, on both targets, and C on Herald with a Redis Cluster: two rounds of one event per topic
+    assert len(bursts) == 5
+    assert sum("Redis Cluster" in r["variant"] for r in rows) == 3  # C as fast, C paced and D on the cluster
     for m in bursts:
         assert m["rounds"] == 2 and m["expected"] == 2 * 20 and len(m["round_rates"]) == 2, m
         assert m["cpu_us_per_delivery"] is not None
