@@ -1,4 +1,4 @@
-"""``python -m bench [--quick | --tiny] [--scenarios A,B,C,D,E,P,R] [--targets herald,naive,nchan]``.
+"""``python -m bench [--quick | --tiny] [--scenarios A,B,C,D,E,P,R,S] [--targets herald,naive,nchan]``.
 
 Runs each scenario against a freshly started server per target (each with a fresh redis-server
 of its own on a free loopback port), then appends the results to ``bench/results/runs.jsonl`` and
@@ -98,7 +98,7 @@ async def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
     mode.add_argument("--tiny", action="store_true", help="a few dozen connections (the smoke test)")
-    parser.add_argument("--scenarios", default="A,B,C,D,E,P,R", help="comma-separated, from A,B,C,D,E,P,R")
+    parser.add_argument("--scenarios", default="A,B,C,D,E,P,R,S", help="comma-separated, from A,B,C,D,E,P,R,S")
     parser.add_argument("--targets", default="herald,naive,nchan", help="comma-separated, from herald,naive,nchan")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where runs.jsonl and the table go")
     args = parser.parse_args(argv)
@@ -188,7 +188,7 @@ def _headline(result: Result) -> str:
     m = result.metrics
     keys = ("connected", "failed", "kib_per_conn", "connect_s", "delivered", "expected", "lost", "p50_ms", "p99_ms",
             "deliveries_per_s", "max_rate_p99_under_100ms", "p99_ms_at_500", "events_per_s", "cpu_us_per_event",
-            "commands_per_s", "cpu_us_per_command")
+            "commands_per_s", "cpu_us_per_command", "server_cpu_us_per_command")
     return ", ".join(f"{k}={m[k]}" for k in keys if k in m) + f" ({result.seconds}s)"
 
 

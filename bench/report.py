@@ -37,7 +37,13 @@ MANY = [("delivered", "delivered", "higher"), ("expected", "expected", "higher")
         ("publish_rate", "publish rate /s", "higher"), ("cpu_s", "server CPU s", "lower"),
         ("cpu_us_per_delivery", "server CPU µs / delivery", "lower")]
 E2E = [("max_rate_p99_under_100ms", "highest ops/s with p99 < 100 ms", "higher"),
-       ("p50_ms_at_500", "p50 ms at 500 ops/s", "lower"), ("p99_ms_at_500", "p99 ms at 500 ops/s", "lower")]
+       ("p50_ms_at_500", "p50 ms at 500 ops/s", "lower"), ("p99_ms_at_500", "p99 ms at 500 ops/s", "lower"),
+       ("p99_ms_at_1000", "p99 ms at 1,000 ops/s", "lower")]
+SATURATION = [("commands_per_s", "commands / s, delivered", "higher"),
+              ("accepted_per_s", "commands / s, accepted", "higher"), ("delivered", "delivered", "higher"),
+              ("lost", "lost", "lower"), ("p50_ms", "POST-to-event p50 ms", "lower"),
+              ("p99_ms", "POST-to-event p99 ms", "lower"), ("post_p99_ms", "POST p99 ms", "lower"),
+              ("server_cpu_us_per_command", "gateway + worker + Redis CPU µs / command", "lower")]
 PUBLISH = [("events_per_s", "events / s", "higher"), ("requests_per_s", "requests / s", "higher"),
            ("delivered", "delivered", "higher"), ("expected", "expected", "higher"), ("lost", "lost", "lower"),
            ("duplicated", "duplicated", "lower"), ("out_of_order", "out of order", "lower"),
@@ -53,6 +59,8 @@ def metrics_of(result: Result) -> list[tuple[str, str, str]]:
         return FANOUT
     if result.scenario == "D":
         return E2E
+    if result.scenario == "S":
+        return SATURATION
     if result.scenario == "P":
         return PUBLISH
     if result.scenario == "R":
@@ -161,6 +169,84 @@ def checks(results: list[Result], sizes_full: bool) -> list[Check]:
     return out
 
 
+def checks14(results: list[Result]) -> list[Check]:
+    """Evaluate issue 14's targets (the command path, connection setup, the WebSocket) on this run's results."""
+    out: list[Check] = []
+    s, s_naive = _find(results, "S", "herald"), _find(results, "S", "naive")
+    if s is not None:
+        m = s.metrics
+        parts = {k: m.get(f"{k}_cpu_us_per_command") for k in ("gateway", "worker", "redis")}
+        total = m.get("server_cpu_us_per_command")
+        ok = (total is not None and total <= 400 and all(v is not None for v in parts.values())
+              and (parts["gateway"] or 0) <= 150 and (parts["worker"] or 0) <= 150 and (parts["redis"] or 0) <= 100)
+        out.append(Check("S", "server CPU per command ≤ 400 µs (gateway ≤ 150, worker ≤ 150, Redis ≤ 100)",
+                         f"{_fmt(total)} µs (gateway {_fmt(parts['gateway'])}, worker {_fmt(parts['worker'])}, "
+                         f"Redis {_fmt(parts['redis'])})", ok if m["posted"] >= 1000 else None))
+        rate, naive_rate = m.get("commands_per_s"), s_naive.metrics.get("commands_per_s") if s_naive else None
+        ok = (rate or 0) >= 3500 and m["lost"] == 0 and naive_rate is not None and (rate or 0) >= naive_rate
+        out.append(Check("S", "≥ 3,500 commands/s, each delivered to its own subscriber; ≥ naive's",
+                         f"{_fmt(rate)}/s, {_fmt_ratio(ratio(rate, naive_rate))} naive ({_fmt(naive_rate)}/s); "
+                         f"{m['delivered']:,}/{m['posted']:,} delivered", ok if m["posted"] >= 1000 else None))
+    d, d_naive = _find(results, "D", "herald"), _find(results, "D", "naive")
+    if d is not None:
+        steps = {st["rate"]: st for st in d.metrics["steps"]}
+        naive_steps = {st["rate"]: st for st in d_naive.metrics["steps"]} if d_naive else {}
+        behind = [rate for rate, st in naive_steps.items() if st.get("sustained") and not steps.get(rate, {}).get(
+            "sustained")]
+        top = d.metrics["max_rate_p99_under_100ms"]
+        full = max(steps) >= 5000 or max(naive_steps, default=0) >= 5000
+        out.append(Check("D", "highest rate with p99 < 100 ms ≥ 3,000/s, and held at every step naive holds",
+                         f"{top}/s (naive {d_naive.metrics['max_rate_p99_under_100ms'] if d_naive else '-'}/s); "
+                         + (f"not held where naive held: {', '.join(map(str, sorted(behind)))}/s" if behind
+                            else "held wherever naive held"),
+                         (top >= 3000 and not behind) if full else None))
+        p99 = d.metrics.get("p99_ms_at_1000")
+        out.append(Check("D", "p99 ≤ 20 ms at 1,000 operations/s", f"p99 {_fmt(p99)} ms at 1,000/s",
+                         (p99 is not None and p99 <= 20) if 1000 in steps else None))
+    a = _find(results, "A", "herald", "x10000")
+    if a is not None:
+        m = a.metrics
+        cpu, seconds, connected = m.get("cpu_s"), m.get("connect_s"), m.get("connected") or 0
+        per = cpu / connected * 1e6 if cpu is not None and connected else None
+        out.append(Check("A", "SSE connection setup ≤ 150 µs of gateway CPU; 10,000 connected in ≤ 2 s",
+                         f"{_fmt(per)} µs per connect; {_fmt(seconds)} s for {connected:,}",
+                         per is not None and per <= 150 and seconds is not None and seconds <= 2
+                         and connected == 10000))
+    e = _find(results, "E", "herald", "WS idle x10000")
+    e_c, c = _find(results, "E", "herald", "as fast"), _find(results, "C", "herald", "as fast")
+    if e is not None or e_c is not None:
+        kib = e.metrics.get("kib_per_conn") if e else None
+        rate = ratio(e_c.metrics.get("deliveries_per_s") if e_c else None,
+                     c.metrics.get("deliveries_per_s") if c else None)
+        ok = kib is not None and kib <= 16 and rate is not None and rate >= 0.8
+        out.append(Check("E", "WebSocket ≤ 16 KiB per idle connection; 1:1 rate ≥ 0.8x SSE's (C)",
+                         f"{_fmt(kib)} KiB/conn; 1:1 {_fmt(e_c.metrics.get('deliveries_per_s') if e_c else None)}/s, "
+                         f"{_fmt_ratio(rate)} SSE's", ok if e is not None and e_c is not None else None))
+    return out
+
+
+def _s_budget(results: list[Result]) -> list[str]:
+    """Scenario S's CPU per command, party by party, and the rate those costs allow on this machine's cores."""
+    rows = [r for r in results if r.scenario == "S" and not r.error]
+    if not rows:
+        return []
+    cores = os.cpu_count() or 1
+    keys = [("gateway", "gateway"), ("worker", "worker"), ("redis", "Redis"), ("loadgen", "load generator (bench)")]
+    lines = ["### S: CPU µs per command, by party", "",
+             f"Every party shares the {cores} cores, so the command rate cannot exceed {cores} x 10^6 / (their sum).",
+             "", "| party | " + " | ".join(r.target for r in rows) + " |", "|" + " --- |" * (len(rows) + 1)]
+    for key, label in keys:
+        lines.append(f"| {label} | " + " | ".join(_fmt(r.metrics.get(f"{key}_cpu_us_per_command")) for r in rows)
+                     + " |")
+    sums = [sum(r.metrics.get(f"{k}_cpu_us_per_command") or 0 for k, _ in keys) for r in rows]
+    lines.append("| **sum** | " + " | ".join(_fmt(round(x, 1)) for x in sums) + " |")
+    lines.append("| ceiling: cores x 10^6 / sum | " + " | ".join(_fmt(round(cores * 1e6 / x)) if x else "-"
+                                                               for x in sums) + " |")
+    lines.append("| commands / s, delivered | " + " | ".join(_fmt(r.metrics.get("commands_per_s")) for r in rows)
+                 + " |")
+    return [*lines, ""]
+
+
 # Writing -------------------------------------------------------------------------------------------
 
 PARTIES = [("cpu_us_per_delivery", "server (gateway + worker)"), ("redis_cpu_us_per_delivery", "Redis"),
@@ -253,6 +339,15 @@ def markdown(results: list[Result], meta: dict[str, Any], targets: list[str]) ->
             met = "n/a (not at full size)" if c.met is None else ("yes" if c.met else "**no**")
             lines.append(f"| {c.scenario} | {c.required} | {c.measured} | {met} |")
         lines.append("")
+        issue14 = checks14(results)
+        if issue14:
+            lines += ["## Targets of issue 14", "", "| scenario | target | measured | met |",
+                      "| --- | --- | --- | --- |"]
+            for c in issue14:
+                met = "n/a (not at full size)" if c.met is None else ("yes" if c.met else "**no**")
+                lines.append(f"| {c.scenario} | {c.required} | {c.measured} | {met} |")
+            lines.append("")
+    lines += _s_budget(results)
     lines += _c_budget(results, meta)
     lines += _p_budget(results)
     if any(r.scenario == "R" for r in results):
@@ -315,7 +410,8 @@ def write(out_dir: Path, results: list[Result], meta: dict[str, Any], targets: l
             fh.write(json.dumps({"run": meta["run"], "mode": meta["mode"], "commit": meta["commit"],
                                  "started": meta["started"], **asdict(r)}, default=str) + "\n")
         fh.write(json.dumps({"run": meta["run"], "summary": True, **meta,
-                             "checks": [asdict(c) for c in checks(results, meta["mode"] == "full")]},
+                             "checks": [asdict(c) for c in checks(results, meta["mode"] == "full")],
+                             "checks14": [asdict(c) for c in checks14(results)]},
                             default=str) + "\n")
     name = "latest.md" if meta["mode"] == "full" else f"latest-{meta['mode']}.md"
     path = out_dir / name

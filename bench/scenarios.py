@@ -83,7 +83,7 @@ class Sizes:
 
 
 FULL = Sizes(a_sizes=(1000, 10000), b_subscribers=1000, b_events=200, b_rate=50.0, c_subscribers=2000,
-             d_rooms=20, d_rates=(100, 250, 500, 750, 1000), d_step_seconds=2.5,
+             d_rooms=20, d_rates=(100, 500, 1000, 2000, 3000, 4000, 5000), d_step_seconds=2.0,
              e_sizes=(1000, 10000), e_c_subscribers=2000)
 QUICK = Sizes(a_sizes=(200, 1000), b_subscribers=200, b_events=50, b_rate=50.0, c_subscribers=500,
               d_rooms=10, d_rates=(50, 100, 250), d_step_seconds=1.5, e_sizes=(1000,), e_c_subscribers=500,
@@ -471,15 +471,19 @@ async def end_to_end(kind: TargetKind, target: Target, *, rooms: int, rates: tup
         pool.close()
         close_all(opened.subscribers)
     target.check_alive()
-    sustained = [s for s in steps if s["accepted"] == s["posted"] and s["delivered"] == s["accepted"]
-                 and s["achieved_rate"] >= 0.95 * s["rate"] and s["p99_ms"] is not None and s["p99_ms"] <= 100]
+    for s in steps:  # held: every command accepted and delivered, the rate kept, p99 under 100 ms
+        s["sustained"] = (s["accepted"] == s["posted"] and s["delivered"] == s["accepted"]
+                          and s["achieved_rate"] >= 0.95 * s["rate"] and s["p99_ms"] is not None and s["p99_ms"] <= 100)
+    sustained = [s for s in steps if s["sustained"]]
     at_500 = next((s for s in steps if s["rate"] == 500), None)
+    at_1000 = next((s for s in steps if s["rate"] == 1000), None)
     return {
         "rooms": rooms,
         "steps": steps,
         "max_rate_p99_under_100ms": max((s["rate"] for s in sustained), default=0),
         "p50_ms_at_500": at_500["p50_ms"] if at_500 else None,
         "p99_ms_at_500": at_500["p99_ms"] if at_500 else None,
+        "p99_ms_at_1000": at_1000["p99_ms"] if at_1000 else None,
     }
 
 
@@ -700,7 +704,7 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
                             functools.partial(request_reply, seconds=sizes.r_seconds, clients=sizes.r_clients),
                             commands=True, start=start, only="herald"))
     if "S" in selected:
-        out.append(Case("S", f"{sizes.s_commands:,} commands as fast as they go, each to its own SSE subscriber "
+        out.append(Case("S", f"{sizes.s_commands:,} commands at full speed, each to its own SSE subscriber "
                              f"({sizes.s_concurrency} connections)",
                         functools.partial(saturation, n=sizes.s_commands, concurrency=sizes.s_concurrency),
                         commands=True))

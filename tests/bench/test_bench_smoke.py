@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from bench.loadgen import envelope, latency_summary, percentile, sse_messages
-from bench.report import Result, _c_ceiling, checks, markdown, ratio
+from bench.report import Result, _c_ceiling, checks, checks14, markdown, ratio
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,14 +26,14 @@ def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_p
     if not shutil.which("redis-server"):
         pytest.fail("redis-server is not installed: run the tests with `make test`, which installs it")
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--tiny", "--targets", "herald,naive", "--scenarios", "A,B,C,D,E,P",
+        [sys.executable, "-m", "bench", "--tiny", "--targets", "herald,naive", "--scenarios", "A,B,C,D,E,P,S",
          "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [orjson.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     rows = [r for r in lines if not r.get("summary")]
-    assert {(r["scenario"], r["target"]) for r in rows} >= {(s, t) for s in "ABCDE" for t in ("herald", "naive")}
+    assert {(r["scenario"], r["target"]) for r in rows} >= {(s, t) for s in "ABCDES" for t in ("herald", "naive")}
     for row in rows:
         assert row["error"] is None, row
         m = row["metrics"]
@@ -44,6 +44,10 @@ def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_p
             [step] = m["steps"]
             assert step["posted"] == step["accepted"] == step["delivered"] == 20, step
             assert step["p99_ms"] is not None and step["p99_ms"] > 0
+        elif row["scenario"] == "S":  # every command delivered to its own room's subscriber, CPU read by party
+            assert m["posted"] == m["accepted"] == m["delivered"] == 20 and m["lost"] == 0, m
+            assert m["commands_per_s"] > 0 and 0 < m["p50_ms"] <= m["p99_ms"]
+            assert all(m[f"{p}_cpu_us_per_command"] is not None for p in ("gateway", "worker", "redis", "loadgen"))
         else:  # B, C and the WebSocket C: every tick arrives once, in order, with a latency
             assert m["expected"] == m["delivered"] > 0, m
             assert m["lost"] == m["duplicated"] == 0
@@ -74,6 +78,7 @@ def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_p
     assert "| A: SSE idle x20 | connected | 20 | 20 | 1.00x |" in table
     assert "### C as fast as it goes: CPU µs per delivery, by party" in table
     assert "### P: CPU µs per published event, by party" in table
+    assert "### S: CPU µs per command, by party" in table and "## Targets of issue 14" in table
 
 
 def test_sse_parser_follows_chunked_encoding_split_anywhere_and_stamps_the_last_byte() -> None:
@@ -131,3 +136,16 @@ def test_c_ceiling_puts_herald_at_the_kernel_floor_and_compares_with_naive(monke
     # 2e6 / (11 + 9 + 6 + 14) = 50,000/s, five times naive's 10,000/s; Herald's own server figure plays no part
     assert "= 50,000 deliveries/s, 5.00x naive" in line
     assert _c_ceiling(rows[:1], 11.0) == [] and _c_ceiling(rows, None) == []
+
+
+def test_issue_14s_command_path_targets_are_judged_by_party_and_against_naive() -> None:
+    def s(target: str, rate: float, gateway: float = 140.0, worker: float = 140.0, redis: float = 90.0) -> Result:
+        return Result("S", "3,000 commands", target, {
+            "posted": 3000, "delivered": 3000, "lost": 0, "commands_per_s": rate,
+            "gateway_cpu_us_per_command": gateway, "worker_cpu_us_per_command": worker,
+            "redis_cpu_us_per_command": redis, "server_cpu_us_per_command": gateway + worker + redis})
+    cpu, rate = checks14([s("herald", 4000.0), s("naive", 3000.0)])
+    assert cpu.met is True and rate.met is True
+    cpu, rate = checks14([s("herald", 4000.0, worker=200.0), s("naive", 4500.0)])
+    assert cpu.met is False  # the worker over its 150 µs, though the sum is under 400
+    assert rate.met is False  # over 3,500/s, but below naive's
