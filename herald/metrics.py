@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -93,6 +94,7 @@ class Metrics:
             "herald_operations", "Operations accepted here (pending) and status changes seen by this process",
             ["status"], registry=self.registry,
         )
+        self._pending: Any = None
         self.rejected = Counter(
             "herald_commands_rejected", "Commands refused before acceptance, by reason", ["reason"],
             registry=self.registry,
@@ -127,7 +129,10 @@ class Metrics:
 
     def accepted(self, operation_id: str) -> None:
         """A new operation was accepted here: count it and start its latency clock."""
-        self.operations.labels("pending").inc()
+        pending = self._pending
+        if pending is None:  # looked up once (labels() takes a lock and builds a key), made on first use as before
+            pending = self._pending = self.operations.labels("pending")
+        pending.inc()
         now = time.monotonic()
         clocks = self._accepted_at
         clocks[operation_id] = now

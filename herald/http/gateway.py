@@ -85,7 +85,7 @@ class Gateway:
             name = host
         if name not in self.settings.trusted_hosts:
             return ""
-        scheme = "wss" if conn.url.scheme in ("https", "wss") else "ws"
+        scheme = "wss" if conn.scope.get("scheme", "http") in ("https", "wss") else "ws"  # the URL's, unbuilt
         return f"{scheme}://{host}"
 
     def mercure_link(self) -> str:
