@@ -670,6 +670,11 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
         out.append(Case("D", f"POST->event, {sizes.d_rooms} room streams, steps {'/'.join(map(str, sizes.d_rates))}/s",
                         functools.partial(end_to_end, rooms=sizes.d_rooms, rates=sizes.d_rates,
                                           step_seconds=sizes.d_step_seconds), commands=True))
+    if "S" in selected:  # beside D (the command path), before the long cases that could use up the budget
+        out.append(Case("S", f"{sizes.s_commands:,} commands at full speed, each to its own SSE subscriber "
+                             f"({sizes.s_concurrency} connections)",
+                        functools.partial(saturation, n=sizes.s_commands, concurrency=sizes.s_concurrency),
+                        commands=True))
     if "C" in selected or "D" in selected:  # C and D again, on a Redis Cluster (bench/cluster.py)
         from bench.cluster import cluster_cases
 
@@ -703,9 +708,4 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
             out.append(Case("R", f"{variant}, {sizes.r_clients} clients x {sizes.r_seconds:g} s, Prefer: wait",
                             functools.partial(request_reply, seconds=sizes.r_seconds, clients=sizes.r_clients),
                             commands=True, start=start, only="herald"))
-    if "S" in selected:
-        out.append(Case("S", f"{sizes.s_commands:,} commands at full speed, each to its own SSE subscriber "
-                             f"({sizes.s_concurrency} connections)",
-                        functools.partial(saturation, n=sizes.s_commands, concurrency=sizes.s_concurrency),
-                        commands=True))
     return out
