@@ -183,15 +183,16 @@ def test_private_updates_reach_the_authorised_cookie_subscriber_and_not_an_anony
 def test_type_retry_and_the_eventsources_own_resume_after_the_hub_ends_the_stream(
         hubs: Hubs, browser: Browser, contexts: list[BrowserContext]) -> None:
     topic = unique("books")
-    # a token that expires in 3 s: the hub ends the subscription then (the draft says it must)
+    # a token that expires in 6 s: the hub ends the subscription then (the draft says it must); long
+    # enough that a loaded machine opens the page and delivers the first two updates before it
     page = open_page(browser, contexts, hubs.subscribe,
-                     cookie=token(SUBSCRIBER_KEY, subscribe=["*"], exp=int(time.time()) + 3))
+                     cookie=token(SUBSCRIBER_KEY, subscribe=["*"], exp=int(time.time()) + 6))
     listen(page, "typed", [("topic", topic)], type="book.updated")
     first = publish(hubs.publish, topic, "typed", type="book.updated", retry="1500")
     plain = publish(hubs.publish, topic, "plain")
     assert received(page, "typed", 1, "typed") == [[first, "typed"]]  # only to addEventListener('book.updated')
     assert received(page, "typed", 1) == [[plain, "plain"]]
-    page.wait_for_function("logs.typed.timeline.some(([what]) => what === 'error')", timeout=8_000)
+    page.wait_for_function("logs.typed.timeline.some(([what]) => what === 'error')", timeout=15_000)
     # the stream ended; the EventSource comes back after `retry` ms, with Last-Event-ID: <plain>
     set_cookie(page.context, token(SUBSCRIBER_KEY, subscribe=["*"], exp=int(time.time()) + 120))
     missed = [publish(hubs.publish, topic, f"missed {n}") for n in range(2)]
@@ -200,7 +201,7 @@ def test_type_retry_and_the_eventsources_own_resume_after_the_hub_ends_the_strea
     error_at = next(t for what, t, *_ in timeline if what == "error")
     reopened_at = next(t for what, t, *_ in timeline if what == "open" and t > error_at)
     # reconnected after the update's retry (1.5 s), not Chromium's default 3 s
-    assert 1200 <= reopened_at - error_at < 2800, timeline
+    assert 1200 <= reopened_at - error_at < 2900, timeline
 
 
 def test_a_new_eventsource_resumes_from_lasteventid_on_either_gateway(hubs: Hubs, browser: Browser,
