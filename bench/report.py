@@ -234,7 +234,7 @@ def _s_budget(results: list[Result]) -> list[str]:
     keys = [("gateway", "gateway"), ("worker", "worker"), ("redis", "Redis"), ("loadgen", "load generator (bench)")]
     lines = ["### S: CPU µs per command, by party", "",
              f"Every party shares the {cores} cores, so the command rate cannot exceed {cores} x 10^6 / (their sum).",
-             "", "| party | " + " | ".join(r.target for r in rows) + " |", "|" + " --- |" * (len(rows) + 1)]
+             "", "| party | " + " | ".join(_label(r) for r in rows) + " |", "|" + " --- |" * (len(rows) + 1)]
     for key, label in keys:
         lines.append(f"| {label} | " + " | ".join(_fmt(r.metrics.get(f"{key}_cpu_us_per_command")) for r in rows)
                      + " |")

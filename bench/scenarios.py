@@ -675,7 +675,7 @@ def cases(selected: list[str], sizes: Sizes, workdir_of: Callable[[], Path]) -> 
                              f"({sizes.s_concurrency} connections)",
                         functools.partial(saturation, n=sizes.s_commands, concurrency=sizes.s_concurrency),
                         commands=True))
-    if "C" in selected or "D" in selected:  # C and D again, on a Redis Cluster (bench/cluster.py)
+    if {"C", "D", "S"} & set(selected):  # C and D (and S) again, on a Redis Cluster (bench/cluster.py)
         from bench.cluster import cluster_cases
 
         out += cluster_cases(selected, sizes, workdir_of)

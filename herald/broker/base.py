@@ -21,6 +21,7 @@ Errors::
     BrokerError
     ├── BrokerUnavailable      the backing store cannot be reached; retry later (HTTP 503)
     ├── IdempotencyConflict    the key was used with another request body (HTTP 422)
+    ├── IdempotencyInProgress  the first request with the key is still being accepted (HTTP 409)
     └── OperationNotFound      unknown or expired operation id (HTTP 404)
 
 ``IllegalTransition`` (from :mod:`herald.operations`) is raised for a forbidden status change.
@@ -52,6 +53,11 @@ class IdempotencyConflict(BrokerError):
     def __init__(self, operation_id: str) -> None:
         super().__init__(f"idempotency key already used for operation {operation_id} with another request")
         self.operation_id = operation_id
+
+
+class IdempotencyInProgress(BrokerError):
+    """The first request with this idempotency key is still being accepted (a broker whose accept takes more than
+    one atomic step: the ClusterBroker); ask again shortly."""
 
 
 class OperationNotFound(BrokerError):

@@ -18,7 +18,7 @@ Every script touches the keys of one slot. Three steps touch two slots, and keep
 * **Accepting a command** writes the request (the shard's slot) and the operation (its own):
 
   1. with an ``Idempotency-Key``, reserve the key for this operation (the operation's slot): a key
-     already reserved answers with its operation, or ``503`` while that operation is not stored yet
+     already reserved answers with its operation, or ``409`` while that operation is not stored yet
      and was reserved less than an accept's longest duration (the *grace*) ago: it may still be on
      its way. Past that, this request takes the reservation over, in one script that checks the
      other operation still does not exist;
@@ -42,7 +42,9 @@ Every script touches the keys of one slot. Three steps touch two slots, and keep
 * **Ending an operation with its events** (``transition(..., events=..., ack=...)``): events for the
   operation's own topic ride in the update script with the status event, as on one Redis; events for
   other topics are published first (each append-and-SPUBLISH atomic, one write per master), after the
-  stored operation was read and the move found legal, then the operation is updated (version
+  stored operation was read and the move found legal (unless the caller's copy is exactly what this
+  process last stored, a worker's own, and the operation cannot have expired since), then the
+  operation is updated (version
   checked; a stale read is read again, the events are not published twice), then the request is
   acknowledged. A crash in between publishes an event twice at worst (the request is handed out
   again), never loses one; a move found illegal only after the events went out (a racing end)
@@ -51,11 +53,14 @@ Every script touches the keys of one slot. Three steps touch two slots, and keep
   handed out again and finds the operation ended.
 
 Request streams are sharded: an event type has ``shards`` streams (``HERALD_REDIS_SHARDS``), accepts
-take them in turn, and ``consume`` reads them all: reclaims (XAUTOCLAIM, concurrently), then a
-non-blocking read of ``count`` entries spread over the shards from a rotating start, then, when there
-was none, a blocking read on every shard at once; the first that answers ends the others with
-``CLIENT UNBLOCK``. Whatever came beyond ``count`` is given back (idle for a year, its delivery count as
-it was), for the next reclaim anywhere. Redelivery and dead-lettering are the RedisBroker's.
+take them in turn, and ``consume`` reads them all: reclaims (XAUTOCLAIM, concurrently), then what
+this consumer's blocking reads brought, then a non-blocking read of the shards without one (``count``
+entries spread over them from a rotating start), then it waits on a blocking read armed on every
+shard; those reads stay armed between calls (:mod:`herald.broker.reads`). Whatever came beyond
+``count`` is given back (idle for a year, its delivery count as it was), for the next reclaim
+anywhere. Redelivery and dead-lettering are the RedisBroker's. A first delivery carries the
+operation as accepted, so a worker moves it to ``running`` without reading it (a move that finds it
+missing waits for it, or creates it, as :meth:`ClusterBroker.get_operation` does).
 
 Fan-out is sharded pub/sub (:mod:`herald.broker.sharded`): the append script ``SPUBLISH``-es, and each
 process holds one connection per master that serves a topic it follows.
@@ -89,7 +94,14 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from herald.broker import slots
-from herald.broker.base import Accepted, BrokerUnavailable, Delivery, IdempotencyConflict, OperationNotFound
+from herald.broker.base import (
+    Accepted,
+    BrokerUnavailable,
+    Delivery,
+    IdempotencyConflict,
+    IdempotencyInProgress,
+    OperationNotFound,
+)
 from herald.broker.nodes import NodeCalls, NotSent
 from herald.broker.reads import ArmedReads
 from herald.broker.redis import (
@@ -309,6 +321,8 @@ class ClusterBroker(RedisBroker):
         self._armed: dict[tuple[str, tuple[str, ...]], ArmedReads] = {}
         # the records of operations whose requests this process was handed (see get_operation)
         self._carried: dict[str, tuple[bytes, int, str | None, int]] = {}
+        # the version and status this process last stored for an operation: a copy equal to it is its own
+        self._written: dict[str, tuple[int, Status]] = {}
 
     # Lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -396,9 +410,12 @@ class ClusterBroker(RedisBroker):
         try:
             async with asyncio.timeout(self._ping_timeout):
                 [role] = await self.calls.on_node(node, [("ROLE",)])
-            count = len(role[2]) if isinstance(role, list) and role[0] == b"master" else 0
         except Exception:  # unreachable: nothing can be confirmed there
-            count = 0
+            role = [b"master", 0, []]
+        if isinstance(role, ResponseError):  # ROLE not allowed (a managed service, an ACL): WAIT alone decides
+            count = self.wait_replicas
+        else:
+            count = len(role[2]) if isinstance(role, list) and role[0] == b"master" else 0
         self._replicas[node.name] = (count, time.monotonic())
 
     def shard_keys(self, event_type: str) -> list[str]:
@@ -437,7 +454,9 @@ class ClusterBroker(RedisBroker):
                     return known
         try:
             with _reachable(self):
-                queued = await self.calls.run(stream, [entry, *self._wait()], pooled=True)
+                # a WAIT needs a connection to itself: on the shared one it would hold up every call behind it
+                queued = await self.calls.run(stream, [entry, *self._wait()], pooled=bool(self.wait_replicas),
+                                              extra=self.wait_timeout)
         except BrokerUnavailable as exc:
             if not isinstance(exc.__cause__, NotSent):
                 await self._void(operation, idem, expires)
@@ -466,7 +485,7 @@ class ClusterBroker(RedisBroker):
             try:
                 with _reachable(self):
                     replies = await self.calls.execute_script(self._create_script, keys, args, then=self._wait(),
-                                                              pooled=True)
+                                                              pooled=bool(self.wait_replicas), extra=self.wait_timeout)
                 return self._confirmed_by_replicas(keys[0], replies)
             except ReplicasMissing:
                 raise
@@ -547,7 +566,7 @@ class ClusterBroker(RedisBroker):
             if existing is not None:
                 return Accepted(existing, created=False)
             if age < self._grace_ms:
-                raise BrokerUnavailable("a request with this Idempotency-Key is still being accepted; try again")
+                raise IdempotencyInProgress(f"operation {other} of this idempotency key is still being accepted")
             taken = await self.calls.script(self._takeover_script, [idem, _op_key(other)],
                                             [other, op_id, fingerprint, expires, self._grace_ms])
             if taken == b"reserved":
@@ -766,8 +785,8 @@ class ClusterBroker(RedisBroker):
         extra: list[Any] = [len(own), "", ""]
         for staged in own:
             extra += [_ms(self._ttl(topic)), staged.type, staged.encoded]
-        if others:
-            known = None  # publish only once the stored operation said yes: a caller's copy may be stale
+        if others and not self._own_live_copy(operation_id, known):
+            known = None  # publish only once the stored operation said yes: a caller's copy may be stale or made up
         published = revived = False
         for _ in range(_CAS_ATTEMPTS):
             current, known = known or await self.get_operation(operation_id), None
@@ -790,6 +809,9 @@ class ClusterBroker(RedisBroker):
             with _reachable(self):
                 outcome, *rest = await self.calls.script(self._update_script, keys, args)
             if outcome == b"ok":
+                if len(self._written) >= _CARRIED_MAX:
+                    self._written.pop(next(iter(self._written)))
+                self._written[operation_id] = (updated.version, updated.status)
                 if ack is not None:
                     await self._ack_after(ack)
                 return updated
@@ -808,6 +830,13 @@ class ClusterBroker(RedisBroker):
                 raise IllegalTransition(Status(_text(rest[0])), status or Status.CANCELED)
             # "stale": another process changed it between our read and our write; read again
         raise BrokerUnavailable(f"operation {operation_id} kept changing; try again")
+
+    def _own_live_copy(self, operation_id: str, known: Operation | None) -> bool:
+        """Whether ``known`` is exactly what this process last stored for the operation (a worker's own copy),
+        and the operation cannot have expired since (its expiry, from its request, is over a second away)."""
+        carried = self._carried.get(operation_id)
+        return (known is not None and carried is not None and time.time() * 1000 < carried[1] - 1000
+                and self._written.get(operation_id) == (known.version, known.status))
 
     async def _ack_after(self, delivery: Delivery) -> None:
         """Acknowledge a request whose operation has just moved; a failure only means it is handed out again."""

@@ -190,12 +190,12 @@ class NodeCalls:
         return await self.execute_script(script, keys, args)
 
     async def execute_script(self, script: AsyncScript, keys: Sequence[Arg], args: Sequence[Arg],
-                             *, then: Sequence[Command] = (), pooled: bool = False) -> Any:
+                             *, then: Sequence[Command] = (), pooled: bool = False, extra: float = 0.0) -> Any:
         """:meth:`script`, and ``then`` on the same connection right after it (``WAIT``: ``pooled``); the script's
         reply and theirs when ``then`` is given."""
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         for _ in range(2):
-            replies = await self.run(keys[0], [command, *then], pooled=pooled)
+            replies = await self.run(keys[0], [command, *then], pooled=pooled, extra=extra)
             if isinstance(replies[0], NoScriptError):
                 # a master that lost its scripts (a restart, a promoted replica that never had them)
                 await self.run(keys[0], [("SCRIPT", "LOAD", _bytes(script.script))])
@@ -205,7 +205,8 @@ class NodeCalls:
             return replies if then else replies[0]
         raise NoScriptError("the script could not be loaded")
 
-    async def run(self, key: Arg, commands: Sequence[Command], *, pooled: bool = False) -> list[Any]:
+    async def run(self, key: Arg, commands: Sequence[Command], *, pooled: bool = False,
+                  extra: float = 0.0) -> list[Any]:
         """``commands`` (all of ``key``'s slot) in one write to the master that serves the slot: on its
         auto-pipelined connection, or (``pooled``) on a connection of its pool taken for them alone.
 
@@ -225,7 +226,8 @@ class NodeCalls:
                 node = await self.node(slot)
                 sent = list(commands)
             try:
-                replies = await (self.on_node(node, sent) if pooled else self.pipe(node).execute_many(sent))
+                replies = await (self.on_node(node, sent, extra=extra) if pooled
+                                 else self.pipe(node).execute_many(sent))
             except NotSent:
                 # the master is gone. Nothing was sent, so nothing can run twice: for up to a second, read the slot
                 # map again (the nodes learn of a failover a moment apart) and send where it says, if it moved on
@@ -259,8 +261,10 @@ class NodeCalls:
             return replies
         return replies
 
-    async def on_node(self, node: ClusterNode, commands: Sequence[Command]) -> list[Any]:
-        """``commands`` in one write on one connection of ``node``; replies in order, error replies as exceptions."""
+    async def on_node(self, node: ClusterNode, commands: Sequence[Command], *, extra: float = 0.0) -> list[Any]:
+        """``commands`` in one write on one connection of ``node``; replies in order, error replies as exceptions.
+
+        Each reply may take the socket timeout and ``extra`` seconds (a ``WAIT`` among them)."""
         async with self._gate:
             conn = node.acquire_connection()
             try:
@@ -273,7 +277,7 @@ class NodeCalls:
                 replies: list[Any] = []
                 for _ in commands:
                     try:
-                        replies.append(await conn.read_response())
+                        replies.append(await conn.read_response(timeout=self._timeout + extra))
                     except ResponseError as exc:
                         replies.append(exc)
                 return replies
@@ -298,7 +302,10 @@ class NodeCalls:
                 conn = node.connection_class(**node.connection_kwargs)
                 await conn.connect()
                 await conn.send_packed_command(conn.pack_command("CLIENT", "ID"))
-                number = int(await conn.read_response())
+                try:
+                    number = int(await conn.read_response())
+                except ResponseError:  # CLIENT ID not allowed (a managed service): it cannot be unblocked
+                    number = -1
             client_id.set_result((node, number))
             await conn.send_packed_command(conn.pack_command(*command))
             reply = await conn.read_response(timeout=timeout)
@@ -323,7 +330,8 @@ class NodeCalls:
             node, number = await asyncio.wait_for(asyncio.shield(client_id), 1.0)
         except (TimeoutError, asyncio.CancelledError):
             return  # never sent, or over already
-        await self.on_node(node, [("CLIENT", "UNBLOCK", number, "TIMEOUT")])
+        if number >= 0:
+            await self.on_node(node, [("CLIENT", "UNBLOCK", number, "TIMEOUT")])
 
     async def close(self) -> None:
         """Close the auto-pipelined and blocking connections (the pools are the cluster client's)."""

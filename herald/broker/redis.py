@@ -76,8 +76,9 @@ events are appended and PUBLISHed, the operation stored with its status event, a
 XACKed and XDELed in one atomic step (``'stale'`` does none of it; the CAS loop reads again).
 
 ``accept`` and the update script when given events or a delivery to acknowledge touch keys
-of several slots; on a Cluster they would need the idempotency key, the request queue and
-the event topics tagged with the operation's slot.
+of several slots: :mod:`herald.broker.cluster` (``redis+cluster://``) runs this design on a Redis
+Cluster with one slot per script, sharded request streams and sharded pub/sub, re-registering
+these scripts with ``SPUBLISH``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route, compile_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from herald.broker.base import BrokerError, BrokerUnavailable, IdempotencyConflict
+from herald.broker.base import BrokerError, BrokerUnavailable, IdempotencyConflict, IdempotencyInProgress
 from herald.domain import Command
 from herald.events import EventError, build_event
 from herald.http.gateway import Gateway
@@ -217,6 +217,9 @@ async def submit(
         known: dict[str, Any] = {"operation_id": exc.operation_id} if owner is not None else {}
         raise HTTPProblem(422, "this Idempotency-Key was already used with a different request",
                           kind="idempotency-key-reused", **known) from exc
+    except IdempotencyInProgress as exc:
+        raise HTTPProblem(409, "a request with this Idempotency-Key is still being accepted; ask again shortly",
+                          kind="idempotency-key-in-progress", headers={"Retry-After": "1"}) from exc
     except BrokerError as exc:
         raise HTTPProblem(503, "the broker is unreachable; the command was not accepted",
                           kind="broker-unavailable", headers={"Retry-After": "2"}) from exc

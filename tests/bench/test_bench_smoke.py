@@ -56,7 +56,7 @@ def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_p
     bursts = [r["metrics"] for r in rows if "as fast" in r["variant"]]
     # C and the WebSocket C, on both targets, and C on Herald with a Redis Cluster: two rounds of one event per topic
     assert len(bursts) == 5
-    assert sum("Redis Cluster" in r["variant"] for r in rows) == 3  # C as fast, C paced and D on the cluster
+    assert sum("Redis Cluster" in r["variant"] for r in rows) == 3  # C as fast, D and S on the cluster
     for m in bursts:
         assert m["rounds"] == 2 and m["expected"] == 2 * 20 and len(m["round_rates"]) == 2, m
         assert m["cpu_us_per_delivery"] is not None
