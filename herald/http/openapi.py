@@ -100,6 +100,7 @@ def _publish_op() -> dict[str, Any]:
             "400": _problem("Malformed JSON, topic or Idempotency-Key"),
             "401": _problem("Missing or invalid publisher token, or no publisher key configured"),
             "403": _problem("The token's herald.publish claim does not open the topic, or the topic is reserved"),
+            "404": _problem("No such route: a topic that cannot be in a path"),
             "409": _problem("The same Idempotency-Key is still being published"),
             "413": _problem("Body too large (HERALD_PUBLISH_MAX_BODY)"),
             "415": _problem("Not JSON"),
