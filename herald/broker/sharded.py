@@ -114,18 +114,22 @@ class ShardedFanout:
             self.interrupted(topic)
         self._spawn(self._rehome(topics))
 
-    async def _rehome(self, topics: list[str]) -> None:
+    async def _rehome(self, topics: list[str], delay: float = _BACKOFF_MIN) -> None:
         await self._broker.calls.refresh()
+        failed: list[str] = []
         for topic in topics:
             if topic not in self._broker._wanted:
                 continue
             try:
                 await self.subscribe(topic)
             except (RedisError, OSError, BrokerUnavailable) as exc:
-                # no master serves it right now: the reader that loses it next, or the next move, tries again
-                log.warning("could not subscribe %s where its slot moved (%s); trying again", topic, exc)
-                await asyncio.sleep(_BACKOFF_MIN)
-                self._spawn(self._rehome([topic]))
+                # no slot map to be had right now (the cluster unreachable): try again, less and less often
+                log.log(logging.WARNING if delay == _BACKOFF_MIN else logging.DEBUG,
+                        "could not subscribe %s where its slot moved (%s); trying again", topic, exc)
+                failed.append(topic)
+        if failed:
+            await asyncio.sleep(delay)
+            self._spawn(self._rehome(failed, min(delay * 2, _BACKOFF_MAX)))
 
     async def rehome_from(self, reader: ShardReader) -> None:
         """After ``reader``'s connection broke: move each of its topics whose slot another master serves now."""
