@@ -69,15 +69,28 @@ def _cpu(trees: dict[str, ProcTree]) -> dict[str, float]:
 
 
 async def _wait_for(subs: list[RawSubscriber], baseline: list[int], *, cap: float) -> None:
-    """Wait until every subscriber received bytes beyond ``baseline`` (its chunk count before), at most ``cap``.
+    """Wait until every subscriber received a ``ChatMessageDelivered`` after ``baseline`` (its chunk count
+    before), at most ``cap``.
 
-    Counting chunks costs nothing per poll; the bytes are parsed only after the window.
+    Only chunks that came since the last poll are looked at, for the event's name: a heartbeat (``:``)
+    is bytes too, and counting it let the window close before late events arrived, which then
+    showed as lost. The events themselves are parsed only after the window.
     """
     deadline = time.monotonic() + cap
-    while time.monotonic() < deadline:
-        if all(len(sub.chunks) > seen for sub, seen in zip(subs, baseline, strict=True)):
-            return
-        await asyncio.sleep(0.02)
+    needle = EVENT_TYPE.encode()
+    waiting = dict(enumerate(baseline))  # subscriber index -> the first chunk not yet looked at
+    while waiting and time.monotonic() < deadline:
+        for i, seen in list(waiting.items()):
+            chunks = subs[i].chunks
+            if len(chunks) == seen:
+                continue
+            # from the chunk before (past the baseline): a name cut in two by the network is found too
+            if needle in b"".join(data for _, data in chunks[max(baseline[i], seen - 1):]):
+                del waiting[i]
+            else:
+                waiting[i] = len(chunks)
+        if waiting:
+            await asyncio.sleep(0.02)
 
 
 async def saturation(kind: TargetKind, target: Target, *, n: int, concurrency: int) -> dict[str, Any]:
