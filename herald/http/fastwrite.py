@@ -31,6 +31,10 @@ The contract, as the push endpoints (:mod:`herald.http.push`) rely on it:
   task of its own, as anyio's cancel scopes do). A middleware that rewrites the body (compression)
   must leave ``text/event-stream`` alone, as Starlette's ``GZipMiddleware`` does.
 
+The same protocol sends a response's status line and headers in one write with its first body
+bytes (:class:`_Cork`): uvicorn writes them apart, two system calls and two wake-ups of the client
+for every 202.
+
 The writer reads uvicorn's private ``RequestResponseCycle`` state (``response_started``,
 ``response_complete``, ``chunked_encoding``, ``disconnected``, ``flow.write_paused``, ``transport``,
 ``receive``) and the protocol's ``cycle`` and ``scope``. Those live on instances, so they are
@@ -99,6 +103,7 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
     header_timeouts: ClassVar[int] = 0
     """Requests this process cut off because their headers were late (read by the metrics)."""
     _header_timer: asyncio.TimerHandle | None = None
+    _cork: _Cork | None = None
 
     # Slowloris: uvicorn waits for a request's headers as long as the client keeps the connection
     # open, so a client trickling a byte at a time holds a connection (and a slot) forever. From
@@ -145,9 +150,21 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
             return
         cycle = self.cycle
         # an upgrade (WebSocket) or a refused request makes no new cycle for this scope
-        if cycle is not None and cycle.scope is self.scope and self.scope.get("method") == "GET":
+        if cycle is None or cycle.scope is not self.scope:
+            return
+        method = self.scope["method"]
+        if method == "GET":
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions[CHUNK_WRITE] = ChunkWriter(cycle)
+        if method != "HEAD":  # a HEAD's headers have no body to wait for
+            self._cork = cycle.transport = _Cork(cycle, self.transport, self.loop)
+
+    def data_received(self, data: bytes) -> None:
+        """A response's held headers go out before anything this data makes uvicorn write (a 400, say)."""
+        cork = self._cork
+        if cork is not None and cork.holding:
+            cork.flush()
+        super().data_received(data)
 
     def on_response_complete(self) -> None:
         """Drop an unused writer with its response (it refers to the cycle, which refers to the scope)."""
@@ -156,6 +173,67 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
             if cycle is not None and cycle.response_complete:  # not a pipelined request's cycle, not started yet
                 take_chunk_writer(cycle.scope)
         super().on_response_complete()
+
+
+class _Cork:
+    """A response cycle's transport until its first write has gone out, in one write with the next.
+
+    uvicorn writes a response's status line and headers, then its body, as two writes: two system
+    calls, and two wake-ups of the client. The cork holds the first write (the status line and
+    headers, or an ``100 Continue``) until the next one, which takes it along, or until the end of
+    the loop turn (a stream whose first bytes wait for an event), whichever comes first; then it
+    gives the cycle back its transport. Nothing can overtake what it holds: the cycle (and its
+    :class:`ChunkWriter`) writes only through it, ``close`` sends it first, and the protocol sends it
+    before it reads more of the connection (where uvicorn could answer a bad request itself).
+    """
+
+    __slots__ = ("_cycle", "_held", "_loop", "_transport")
+
+    def __init__(self, cycle: httptools_impl.RequestResponseCycle, transport: asyncio.Transport,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self._cycle: Any = cycle
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    @property
+    def holding(self) -> bool:
+        """Whether a write waits in the cork."""
+        return self._held is not None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None and self._cycle.transport is self:  # the first write: hold it until the next, or the turn's end
+            self._held = data
+            self._loop.call_soon(self.flush)
+            return
+        self._release()
+        self._transport.write(held + data if held else data)
+
+    def flush(self) -> None:
+        """Write what is held, and give the cycle its transport back (the end of the loop turn calls this)."""
+        held = self._held
+        self._release()
+        if held and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def _release(self) -> None:
+        self._held = None
+        if self._cycle.transport is self:
+            self._cycle.transport = self._transport
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()  # what is held goes first in the next write: no overtaking
+
+    def __getattr__(self, name: str) -> Any:  # anything else a cycle may ask of its transport
+        return getattr(self._transport, name)
 
 
 def _settle(protocol: HttpToolsProtocol) -> bool | None:

@@ -288,3 +288,116 @@ async def test_streams_of_the_app_take_the_direct_write_through_its_own_middlewa
         await herald.broker.publish("news", build_event("bench.tick", {"n": 2}, source="test"))
         assert (await stream.next_message()).json()["data"] == {"n": 2}
     await wait_until(lambda: herald.gateway.hub.connections == 0)
+
+
+# The cork: a response's status line and headers go out with its first body bytes ---------------
+
+
+class Wire:
+    """A transport that records each write (one write, one system call)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def corked() -> tuple[Any, Wire, SimpleNamespace]:
+    from herald.http.fastwrite import _Cork
+
+    wire = Wire()
+    cycle = SimpleNamespace()
+    cycle.transport = _Cork(cycle, wire, asyncio.get_running_loop())  # type: ignore[arg-type]
+    return cycle.transport, wire, cycle
+
+
+async def test_the_headers_wait_for_the_body_and_go_in_one_write() -> None:
+    cork, wire, cycle = corked()
+    cycle.transport.write(b"HTTP/1.1 202 Accepted\r\n\r\n")
+    assert wire.writes == [] and cork.holding
+    cycle.transport.write(b"{}")
+    assert wire.writes == [b"HTTP/1.1 202 Accepted\r\n\r\n{}"]
+    assert cycle.transport is wire  # the cycle has its own transport back: later writes cost nothing extra
+    await asyncio.sleep(0)  # the end-of-turn flush finds nothing to send
+    assert wire.writes == [b"HTTP/1.1 202 Accepted\r\n\r\n{}"]
+
+
+async def test_headers_whose_body_waits_go_out_at_the_end_of_the_loop_turn() -> None:
+    cork, wire, cycle = corked()
+    cycle.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert wire.writes == [b"HTTP/1.1 200 OK\r\n\r\n"] and not cork.holding
+    cork.write(b"late")  # a writer that kept the cork: straight through, in order
+    assert wire.writes == [b"HTTP/1.1 200 OK\r\n\r\n", b"late"]
+
+
+async def test_closing_sends_what_is_held_first_and_a_closed_transport_gets_nothing() -> None:
+    _, wire, cycle = corked()
+    cycle.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    cycle.transport.close()
+    assert wire.writes == [b"HTTP/1.1 200 OK\r\n\r\n"] and wire.closed
+    _, wire2, cycle2 = corked()
+    cycle2.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    wire2.closed = True  # the client went away
+    await asyncio.sleep(0)
+    assert wire2.writes == []
+
+
+async def test_a_real_uvicorn_answers_in_one_write_and_a_waiting_body_does_not_hold_the_headers() -> None:
+    release = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/slow":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            await release.wait()
+            await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": False})
+            return
+        await send({"type": "http.response.start", "status": 202, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    writes: list[bytes] = []
+    made = HttpToolsProtocol.connection_made
+
+    def spy(self: HttpToolsProtocol, transport: asyncio.Transport) -> None:
+        original = transport.write
+
+        class Recorder:  # uvloop's transports cannot take attributes: wrap the one the protocol keeps
+            def __getattr__(self, name: str) -> Any:
+                return getattr(transport, name)
+
+            def write(self, data: bytes) -> None:
+                writes.append(bytes(data))
+                original(data)
+
+        made(self, Recorder())  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HttpToolsProtocol, "connection_made", spy)
+        async with serve(app) as port:  # type: ignore[arg-type]
+            raw = await request(port, b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            assert raw.startswith(b"HTTP/1.1 202") and raw.endswith(b"\r\n\r\n{}")
+            assert [w for w in writes if w.startswith(b"HTTP/1.1 202")] == [raw]  # status, headers, body: one write
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(get("/slow"))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)  # before the body exists
+            assert head.startswith(b"HTTP/1.1 200")
+            release.set()
+            rest = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+    assert b"data: x" in rest
