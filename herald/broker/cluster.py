@@ -866,13 +866,15 @@ class ClusterBroker(RedisBroker):
         return [_text(c) for c in replies]
 
     async def _send_pubsub(self, command: str, topic: str) -> None:
-        """The RedisBroker's subscribe and unsubscribe, done by the sharded fan-out."""
+        """The RedisBroker's subscribe and unsubscribe, done by the sharded fan-out (which may have to find the
+        topic's master first: at most ``socket_timeout``)."""
         assert self._fanout is not None, "start() first"
         with _reachable(self):
-            if command == "SUBSCRIBE":
-                await self._fanout.subscribe(topic)
-            else:
-                await self._fanout.unsubscribe(topic)
+            async with asyncio.timeout(self._socket_timeout):
+                if command == "SUBSCRIBE":
+                    await self._fanout.subscribe(topic)
+                else:
+                    await self._fanout.unsubscribe(topic)
 
     def _confirm(self, topic: str) -> None:
         """A subscription of ``topic`` is live: what the RedisBroker's reader does on ``subscribe``."""

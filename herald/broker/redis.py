@@ -432,6 +432,7 @@ class RedisBroker(Broker):
         self._wanted: set[str] = set()
         self._confirmed: set[str] = set()
         self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._expiring: dict[float, list[asyncio.Future[None]]] = {}  # SUBSCRIBE waiters by deadline
         # positions (and their epochs): the last one handed over, and the head when subscribed, where a gap
         # fill starts if nothing came
         self._delivered: dict[str, tuple[Cursor, str | None]] = {}
@@ -836,10 +837,10 @@ class RedisBroker(Broker):
         waiter = self._waiters.get(topic)
         if waiter is None:
             waiter = self._waiters[topic] = asyncio.get_running_loop().create_future()
+            self._expire_unconfirmed(waiter)
         try:
-            async with asyncio.timeout(self._socket_timeout):
-                await self._send_pubsub("SUBSCRIBE", topic)
-                await asyncio.shield(waiter)
+            await self._send_pubsub("SUBSCRIBE", topic)
+            await asyncio.shield(waiter)
             head = await self._read_head(topic)
         except (TimeoutError, BrokerUnavailable) as exc:
             await self.unsubscribe(topic)
@@ -847,6 +848,28 @@ class RedisBroker(Broker):
         if topic not in self._delivered:
             # an empty topic's floor is 0-0: what it gets while the connection is down is all new
             self._floor[topic] = split_cursor(head) if head is not None else ((0, 0), None)
+
+    def _expire_unconfirmed(self, waiter: asyncio.Future[None]) -> None:
+        """Fail ``waiter`` with ``TimeoutError`` if Redis has not confirmed its SUBSCRIBE in ``socket_timeout``.
+
+        One timer for every subscription asked within the same tenth of a second, not an
+        ``asyncio.timeout`` each: a thousand clients connecting at once, each first on its topic,
+        arm one or two timers instead of a thousand (a timer armed and cancelled per connection
+        was a tenth of the gateway's CPU per SSE connect).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = math.ceil((loop.time() + self._socket_timeout) * 10) / 10
+        batch = self._expiring.get(deadline)
+        if batch is None:
+            batch = self._expiring[deadline] = []
+            loop.call_at(deadline, self._expire, deadline)
+        batch.append(waiter)
+
+    def _expire(self, deadline: float) -> None:
+        for waiter in self._expiring.pop(deadline, ()):
+            if not waiter.done():
+                waiter.set_exception(TimeoutError("no SUBSCRIBE confirmation"))
+                waiter.exception()  # retrieved: a subscriber that gave up meanwhile is not logged as lost
 
     async def unsubscribe(self, topic: str) -> None:
         """Forget the topic at once; UNSUBSCRIBE if connected (a reconnect leaves it out anyway)."""
@@ -858,22 +881,21 @@ class RedisBroker(Broker):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         try:
-            async with asyncio.timeout(self._socket_timeout):
-                await self._send_pubsub("UNSUBSCRIBE", topic)
-        except TimeoutError:
-            pass
+            await self._send_pubsub("UNSUBSCRIBE", topic)
+        except (TimeoutError, BrokerUnavailable):
+            pass  # a connection that cannot take it now subscribes only what is wanted when it comes back
 
     async def _send_pubsub(self, command: str, topic: str) -> None:
-        """Send ``command`` for ``topic`` with the others of this loop turn: one write, one command per run.
+        """Queue ``command`` for ``topic`` with the others of this loop turn: one write, one command per run.
 
         A thousand clients connecting at once, each first on its topic, send one SUBSCRIBE of a thousand
-        channels rather than a thousand SUBSCRIBEs (each one a lock, a packing and a write). Returns once
-        written (or found not connected: the reader subscribes every wanted topic when it connects).
+        channels rather than a thousand SUBSCRIBEs (each one a lock, a packing and a write). Returns at
+        once: the write happens at the end of the turn (or, when not connected, the reader subscribes
+        every wanted topic when it connects), and a SUBSCRIBE's confirmation comes through its waiter.
         """
         self._pubsub_out.append((command, _key("topic", topic)))
         if self._pubsub_flush is None:
             self._pubsub_flush = asyncio.get_running_loop().create_task(self._flush_pubsub())
-        await asyncio.shield(self._pubsub_flush)
 
     async def _flush_pubsub(self) -> None:
         try:
