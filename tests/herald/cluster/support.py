@@ -8,6 +8,7 @@ do not cover:
 * :class:`SSEListener` and :class:`WSListener` — clients that record every event with its cursor
   and, when their connection ends, reconnect with their cursor (to the same or another gateway);
 * :func:`stored` — a topic's history as Redis holds it, to compare with what clients received;
+* :func:`a_thousand_operations` — the load test of a deployment (one Redis or a Redis Cluster);
 * :func:`rss_bytes`, :func:`eventually` and the raw-socket helpers of the slow-consumer test.
 
 Every wait is bounded in time; every loop in count or time.
@@ -16,7 +17,9 @@ Every wait is bounded in time; every loop in count or time.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import itertools
 import os
 import signal
@@ -29,7 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 import orjson
@@ -526,6 +529,98 @@ async def run_bounded(jobs: list[Callable[[], Awaitable[Any]]], limit: int) -> l
             return await job()
 
     return await asyncio.gather(*(one(j) for j in jobs))
+
+
+# A thousand operations ------------------------------------------------------------------------
+
+OPERATION_EVENTS = ["herald.operation.running", "ChatMessageDelivered", "herald.operation.succeeded"]
+"""What a chat operation's topic holds, in order, when nothing goes wrong."""
+
+
+async def a_thousand_operations(
+    a: HeraldServer, b: HeraldServer, workers: list[WorkerProcess], rooms: list[str],
+    history_of: Callable[[str], list[Received]], *, operations: int = 1000, clients: int = 10,
+    per_client_in_flight: int = 5,
+) -> dict[str, str]:
+    """Post ``operations`` chat messages to gateway ``a`` and check every client got every event once, in order.
+
+    Each operation is followed over SSE on ``b`` (its ``subscribe_url``, read to the end of the
+    stream) and over a WebSocket on ``a`` (one of ``clients``, subscribed with the token of its
+    ``websocket_url``); one multiplexed SSE stream on ``b`` follows every room. At most
+    ``clients * per_client_in_flight`` operations are in flight at once. ``history_of(topic)`` is a
+    topic's history as the broker holds it: what each client must have received, to the letter.
+    Asserts that, that each operation was started once and handled by exactly one of ``workers``
+    (each of which handled some), and that the room stream never had to reconnect. Returns each
+    operation's topic with its room, for the caller's checks of its own setup.
+    """
+    room_listener = SSEListener([b.url], rooms).start()
+    sockets = [WSListener([a.ws_url]).start() for _ in range(clients)]
+    for ws in sockets:
+        await ws.connected()
+    await eventually(lambda: bool(room_listener.connects), 10, "the room stream opened")
+
+    sse_got: dict[str, list[Received]] = {}
+    room_of: dict[str, str] = {}
+    limits = httpx.Limits(max_connections=2 * clients * per_client_in_flight)
+    async with httpx.AsyncClient(limits=limits, timeout=10.0) as http:
+
+        async def operation(n: int) -> None:
+            client = n % clients
+            room = rooms[n % len(rooms)]
+            response = await http.post(f"{a.url}/{room}/messages", json={"author": f"c{client}", "text": f"#{n}"})
+            assert response.status_code == 202, response.text
+            body: dict[str, Any] = response.json()
+            topic = f"operations/{body['id']}"
+            room_of[topic] = room
+            ws = sockets[client]
+            await ws.subscribe(topic, parse_qs(urlsplit(body["websocket_url"]).query)["token"][0])
+            sse_got[topic] = await read_stream(http, b.url + body["subscribe_url"], topic)
+            await eventually(lambda: len(ws.events[topic]) >= len(OPERATION_EVENTS), 30, f"{topic} over the WebSocket")
+            await ws.unsubscribe(topic)
+
+        jobs: list[Callable[[], Awaitable[None]]] = [functools.partial(operation, n) for n in range(operations)]
+        await run_bounded(jobs, clients * per_client_in_flight)
+
+    await eventually(lambda: sum(len(v) for v in room_listener.events.values()) >= operations, 30,
+                     "every ChatMessageDelivered on the room stream")
+    await asyncio.sleep(0.3)  # anything more (a duplicate) would arrive now
+    await room_listener.close()
+    for ws in sockets:
+        await ws.close()
+
+    handled_by: collections.Counter[str] = collections.Counter()
+    problems: list[str] = []
+    for topic in room_of:
+        history = history_of(topic)
+        ws_got = next(ws.events[topic] for ws in sockets if topic in ws.events)
+        expected = [(e.cursor, e.type, e.event["id"]) for e in history]
+        if [e.type for e in history] != OPERATION_EVENTS:
+            problems.append(f"{topic} stored {[e.type for e in history]}")
+        if [(e.cursor, e.type, e.event["id"]) for e in sse_got[topic]] != expected:
+            problems.append(f"{topic}: SSE on B got {[e.cursor for e in sse_got[topic]]}, stored {expected}")
+        if [(e.cursor, e.type, e.event["id"]) for e in ws_got] != expected:
+            problems.append(f"{topic}: WebSocket on A got {[e.cursor for e in ws_got]}, stored {expected}")
+        running = [e for e in history if e.type == "herald.operation.running"]
+        if [e.event["data"]["attempts"] for e in running] != [1]:
+            problems.append(f"{topic} was started {[e.event['data']['attempts'] for e in running]} times")
+        handled_by.update(e.event["source"] for e in history if e.type == "ChatMessageDelivered")
+    assert not problems, f"{len(problems)} problems, first ones: {problems[:5]}"
+
+    # exactly one worker per operation: one delivery each, by one of the worker processes
+    assert sum(handled_by.values()) == operations
+    assert set(handled_by) <= {w.source for w in workers}, handled_by
+    print(f"operations handled per worker: {dict(handled_by)}")
+    assert all(handled_by[w.source] > 0 for w in workers), f"one worker got nothing: {handled_by}"
+
+    # the multiplexed room stream on B: every delivery once, in each room's stored order
+    for room in rooms:
+        got = room_listener.events.get(room, [])
+        assert not in_order_once(got), in_order_once(got)[:3]
+        assert [(e.cursor, e.event["id"]) for e in got] == [(e.cursor, e.event["id"]) for e in history_of(room)]
+        assert sorted(e.event["correlationid"] for e in got) == sorted(
+            t.removeprefix("operations/") for t, r in room_of.items() if r == room)
+    assert [c[1] for c in room_listener.connects] == [200], "the room stream never had to reconnect"
+    return room_of
 
 
 # One test's cluster ------------------------------------------------------------------------
