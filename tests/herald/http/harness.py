@@ -118,22 +118,29 @@ async def in_process(*, domains: Iterable[Domain] | None = None, **overrides: An
 @contextlib.asynccontextmanager
 async def served(
     *, http: str = HERALD_HTTP, ws: str = HERALD_WS, domains: Iterable[Domain] | None = None,
-    prepare: Callable[[Starlette], None] | None = None, **overrides: Any
+    prepare: Callable[[Starlette], None] | None = None, callback_to_self: bool = False, **overrides: Any
 ) -> AsyncIterator[LiveHerald]:
     """An app built from ``make_settings(**overrides)``, served by uvicorn on a free loopback port.
 
     ``http`` and ``ws`` are uvicorn's HTTP and WebSocket protocols: Herald's own (herald/http/fastwrite.py,
     as ``herald serve`` runs them) unless a test asks for uvicorn's (``"httptools"``, ``"h11"``,
     ``"websockets-sansio"``). ``prepare(app)`` runs
-    before the app starts (to add a middleware, say).
+    before the app starts (to add a middleware, say). ``callback_to_self`` makes the app's own URL its
+    ``callback_url`` (unless ``overrides`` name one), for upstreams that call the callback API back.
     """
-    app = make_app(domains, **overrides)
-    if prepare is not None:
-        prepare(app)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    if callback_to_self:
+        overrides = {"callback_url": f"http://127.0.0.1:{port}", **overrides}
+    try:
+        app = make_app(domains, **overrides)
+        if prepare is not None:
+            prepare(app)
+    except BaseException:
+        sock.close()
+        raise
     config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False, timeout_graceful_shutdown=1,
                             http=http, ws=ws)
     server = uvicorn.Server(config)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,12 +23,10 @@ from typing import Any
 
 import httpx
 import orjson
-import uvicorn
 
-from herald import create_app
 from herald.proxy.config import parse_config
-from tests.herald.http.harness import LiveHerald, make_settings
-from tests.support.server import HERALD_HTTP, ROOT, free_port
+from tests.herald.http.harness import LiveHerald, served
+from tests.support.server import ROOT, free_port
 
 COMMANDS = {
     # path on the gateway → (upstream endpoint, extra TOML lines)
@@ -128,30 +125,8 @@ class Upstream:
 @contextlib.asynccontextmanager
 async def gateway(text: str, **overrides: Any) -> AsyncIterator[LiveHerald]:
     """Herald serving the config ``text`` on a free loopback port (memory broker, embedded worker)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    settings = make_settings(**{"callback_url": f"http://127.0.0.1:{port}", **overrides})
-    app = create_app(settings, domains=[parse_config(text)])
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=1, http=HERALD_HTTP))
-    task = asyncio.create_task(server.serve(sockets=[sock]), name=f"uvicorn-{port}")
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                if task.done():
-                    task.result()
-                    raise RuntimeError("uvicorn stopped before it started")
-                await asyncio.sleep(0.01)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            yield LiveHerald(app, client, port)
-    finally:
-        server.should_exit = True
-        try:
-            await asyncio.wait_for(task, 10)
-        finally:
-            sock.close()
+    async with served(domains=[parse_config(text)], callback_to_self=True, **overrides) as herald:
+        yield herald
 
 
 async def wait_ended(client: httpx.AsyncClient, operation_id: str, *, timeout: float = 15.0) -> dict[str, Any]:
@@ -165,8 +140,12 @@ async def wait_ended(client: httpx.AsyncClient, operation_id: str, *, timeout: f
                 return doc
 
 
-async def events_of(client: httpx.AsyncClient, body: dict[str, Any], *, timeout: float = 15.0) -> list[dict[str, Any]]:
-    """Every event of an operation's SSE stream (``body``: its 202), read to the stream's end."""
+async def events_of(client: httpx.AsyncClient, body: dict[str, Any], *, timeout: float = 15.0,
+                    until: str | None = None) -> list[dict[str, Any]]:
+    """Every event of an operation's SSE stream (``body``: its 202), read to the stream's end.
+
+    With ``until``, read only until the first event of that type has come (the last of those returned).
+    """
     out: list[dict[str, Any]] = []
     buffer = b""
     async with asyncio.timeout(timeout):
@@ -180,25 +159,16 @@ async def events_of(client: httpx.AsyncClient, body: dict[str, Any], *, timeout:
                     for line in block.split(b"\n"):
                         if line.startswith(b"data: "):
                             out.append(orjson.loads(line[6:]))
+                            if until is not None and out[-1]["type"] == until:
+                                return out
     return out
 
 
 async def first_event(client: httpx.AsyncClient, body: dict[str, Any], type: str, *,
                       timeout: float = 15.0) -> dict[str, Any]:
     """The first event of ``type`` on an operation's SSE stream (``body``: its 202), as soon as it is there."""
-    buffer = b""
-    async with asyncio.timeout(timeout):
-        async with client.stream("GET", body["subscribe_url"], headers={"Accept": "text/event-stream"},
-                                 timeout=httpx.Timeout(5.0, read=None)) as response:
-            assert response.status_code == 200
-            async for chunk in response.aiter_bytes():
-                buffer += chunk
-                *blocks, buffer = buffer.split(b"\n\n")
-                for block in blocks:
-                    for line in block.split(b"\n"):
-                        if line.startswith(b"data: "):
-                            event: dict[str, Any] = orjson.loads(line[6:])
-                            if event["type"] == type:
-                                return event
-    raise AssertionError(f"the stream ended without a {type} event")
+    events = await events_of(client, body, timeout=timeout, until=type)
+    if not events or events[-1]["type"] != type:
+        raise AssertionError(f"the stream ended without a {type} event")
+    return events[-1]
 
