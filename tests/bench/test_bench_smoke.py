@@ -6,33 +6,20 @@ test); these tests prove the harness itself counts right, so a broken bench cann
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable
 
-import orjson
 import pytest
 
 from bench.loadgen import envelope, latency_summary, percentile, sse_messages
 from bench.report import Result, _c_ceiling, checks, checks14, markdown, ratio
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.conftest import TinyRun
 
 
 @pytest.mark.e2e
 @pytest.mark.redis
-def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_path: Path) -> None:
-    if not shutil.which("redis-server"):
-        pytest.fail("redis-server is not installed: run the tests with `make test`, which installs it")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--tiny", "--targets", "herald,naive", "--scenarios", "A,B,C,D,E,P,S",
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [orjson.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
-    rows = [r for r in lines if not r.get("summary")]
+def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tiny_bench: Callable[..., TinyRun]) -> None:
+    run = tiny_bench("herald,naive", "A,B,C,D,E,P,S")
+    lines, rows = run.lines, run.rows
     assert {(r["scenario"], r["target"]) for r in rows} >= {(s, t) for s in "ABCDES" for t in ("herald", "naive")}
     for row in rows:
         assert row["error"] is None, row
@@ -73,7 +60,7 @@ def test_a_tiny_run_delivers_every_event_and_writes_json_lines_and_a_table(tmp_p
     assert summary["mode"] == "tiny" and {c["scenario"] for c in summary["checks"]} == {"A", "B", "C", "D"}
     assert summary["write_floor"]["connections"] == 20 and summary["write_floor"]["us_per_write"] >= 0
     assert summary["speed_probe_ms"] > 0
-    table = (tmp_path / "latest-tiny.md").read_text()
+    table = run.table
     assert "| scenario | metric | herald | naive | herald/naive |" in table
     assert "| A: SSE idle x20 | connected | 20 | 20 | 1.00x |" in table
     assert "### C as fast as it goes: CPU µs per delivery, by party" in table

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-from pathlib import Path
+from collections.abc import Callable
 
-import orjson
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.conftest import TinyRun
 
 
 @pytest.mark.e2e
 @pytest.mark.redis
-def test_a_tiny_run_answers_commands_on_both_paths_and_reports_cpu_by_party(tmp_path: Path) -> None:
-    if not shutil.which("redis-server"):
-        pytest.fail("redis-server is not installed: run the tests with `make test`, which installs it")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--tiny", "--targets", "herald,naive", "--scenarios", "R",
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [orjson.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
-    rows = [r for r in lines if not r.get("summary")]
+def test_a_tiny_run_answers_commands_on_both_paths_and_reports_cpu_by_party(tiny_bench: Callable[..., TinyRun]) -> None:
+    run = tiny_bench("herald,naive", "R")
+    rows = run.rows
     assert [(r["target"], r["variant"].split(",")[0]) for r in rows] == [
         ("herald", "Python handler"), ("herald", "proxied to an upstream")]  # naive has neither
     python, proxied = (r["metrics"] for r in rows)
@@ -34,6 +22,6 @@ def test_a_tiny_run_answers_commands_on_both_paths_and_reports_cpu_by_party(tmp_
         assert m["commands_per_s"] > 0 and 0 < m["p50_ms"] <= m["p99_ms"]
         assert m["gateway_cpu_us_per_command"] > 0 and m["worker_cpu_us_per_command"] > 0
     assert python["upstream_cpu_us_per_command"] is None and proxied["upstream_cpu_us_per_command"] > 0
-    table = (tmp_path / "latest-tiny.md").read_text()
+    table = run.table
     assert "### R: CPU µs per command, by party" in table
     assert "| party | Python handler | proxied to an upstream |" in table
