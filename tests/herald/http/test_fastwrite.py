@@ -394,10 +394,11 @@ async def test_a_real_uvicorn_answers_in_one_write_and_a_waiting_body_does_not_h
             assert raw.startswith(b"HTTP/1.1 202") and raw.endswith(b"\r\n\r\n{}")
             assert [w for w in writes if w.startswith(b"HTTP/1.1 202")] == [raw]  # status, headers, body: one write
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(get("/slow"))
+            writer.write(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)  # before the body exists
             assert head.startswith(b"HTTP/1.1 200")
             release.set()
             rest = await asyncio.wait_for(reader.read(), 10)
             writer.close()
     assert b"data: x" in rest
+    assert not next(w for w in writes if w.startswith(b"HTTP/1.1 200")).endswith(b"data: x\n\n")  # headers alone
