@@ -167,12 +167,15 @@ local function new_epoch()
   return out
 end
 local function append(stream, epoch_key, maxlen, ttl_ms, etype, event)
+  -- NOMKSTREAM: a stream that is gone (its history lost) is not made again under its old epoch
   local epoch = redis.call('GETEX', epoch_key, 'PX', ttl_ms)
-  if not epoch or redis.call('EXISTS', stream) == 0 then
+  local id = epoch and redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', maxlen, '*', 'type', etype, 'event', event)
+  if not id then
     epoch = new_epoch()
     redis.call('SET', epoch_key, epoch, 'PX', ttl_ms)
+    id = redis.call('XADD', stream, 'MAXLEN', maxlen, '*', 'type', etype, 'event', event)
   end
-  local cursor = redis.call('XADD', stream, 'MAXLEN', maxlen, '*', 'type', etype, 'event', event) .. '.' .. epoch
+  local cursor = id .. '.' .. epoch
   redis.call('PEXPIRE', stream, ttl_ms)
   redis.call('PUBLISH', stream, cursor .. '\\n' .. etype .. '\\n' .. event)
   return cursor
