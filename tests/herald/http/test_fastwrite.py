@@ -23,7 +23,7 @@ import uvicorn
 from uvicorn.protocols.http import httptools_impl
 
 from herald.events import build_event
-from herald.http.fastwrite import CHUNK_WRITE, ChunkWriter, HttpToolsProtocol
+from herald.http.fastwrite import CHUNK_WRITE, ChunkWriter, HttpToolsProtocol, _Gate, _Pipeline
 from herald.hub import Subscriber
 from herald.protocol import Frame
 from tests.herald.http.harness import LiveHerald, wait_until
@@ -402,3 +402,81 @@ async def test_a_real_uvicorn_answers_in_one_write_and_a_waiting_body_does_not_h
             writer.close()
     assert b"data: x" in rest
     assert not next(w for w in writes if w.startswith(b"HTTP/1.1 200")).endswith(b"data: x\n\n")  # headers alone
+
+
+# The per-connection events and pipeline, lighter than asyncio's --------------------------------------------
+
+async def test_a_gate_waits_as_an_asyncio_event_does() -> None:
+    gate = _Gate(False)
+    waiter = asyncio.create_task(gate.wait())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    gate.set()
+    gate.clear()  # set, then cleared before the waiter ran: it wakes all the same, as asyncio.Event's does
+    await asyncio.wait_for(waiter, 1)
+    assert not gate.is_set()
+    cancelled = asyncio.create_task(gate.wait())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert not gate._waiters  # a cancelled wait leaves nothing behind
+    gate.set()
+    await asyncio.wait_for(gate.wait(), 1)  # set: at once
+
+
+async def test_a_connection_gets_the_light_events_and_pipelined_requests_are_answered_in_order() -> None:
+    protocols: list[HttpToolsProtocol] = []
+    cycles: list[Any] = []
+    headers_complete = HttpToolsProtocol.on_headers_complete
+
+    def spy(self: HttpToolsProtocol) -> None:
+        headers_complete(self)
+        protocols.append(self)
+        cycles.append(self.cycle)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = b""
+        while True:  # the request's body through receive: the cycle's message_event at work
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body) + 1).encode())]})
+        await asyncio.sleep(0.01)  # the next request waits in the protocol's pipeline meanwhile
+        await send({"type": "http.response.body", "body": body + scope["path"][-1:].encode()})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(HttpToolsProtocol, "on_headers_complete", spy)
+        async with serve(app) as port:  # type: ignore[arg-type]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            requests = b"".join(f"POST /{i} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nab{i}".encode()
+                                for i in range(3))
+            writer.write(requests[:-2])
+            await asyncio.sleep(0.2)  # the last body comes late: its receive() waits on the cycle's event
+            writer.write(requests[-2:])
+            answers = [await asyncio.wait_for(reader.readuntil(f"ab{i}{i}".encode()), 10) for i in range(3)]
+            writer.close()
+    assert [a.startswith(b"HTTP/1.1 200") for a in answers] == [True, True, True]
+    assert isinstance(protocols[0].flow._is_writable_event, _Gate)
+    assert isinstance(protocols[0].pipeline, _Pipeline) and not protocols[0].pipeline
+    assert all(isinstance(c.message_event, _Gate) for c in cycles) and len(cycles) == 3
+
+
+async def test_a_response_sent_to_a_client_that_reads_late_resumes_through_the_flow_gate() -> None:
+    size = 8 * 1024 * 1024  # far past the transport's high-water mark: uvicorn pauses, then drains
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(size).encode())]})
+        for _ in range(8):
+            await send({"type": "http.response.body", "body": b"z" * (size // 8), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with serve(app) as port:  # type: ignore[arg-type]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1024)
+        writer.write(get("/big"))
+        await asyncio.sleep(0.3)  # not reading: the server's buffer fills and its send waits on the flow gate
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        body = await asyncio.wait_for(reader.readexactly(size), 20)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200") and body == b"z" * size
