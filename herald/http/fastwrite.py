@@ -118,11 +118,11 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
         """Start the clock for the first request's headers; lighter flow-control event and pipeline."""
         super().connection_made(transport)
         self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
-        flow = getattr(self, "flow", None)
+        flow: Any = getattr(self, "flow", None)
         if isinstance(getattr(flow, "_is_writable_event", None), asyncio.Event) and isinstance(
                 getattr(self, "pipeline", None), collections.deque):
             flow._is_writable_event = _Gate(flow._is_writable_event.is_set())
-            self.pipeline = _Pipeline()
+            self.pipeline = _Pipeline()  # type: ignore[assignment]  # does what uvicorn asks of its deque
 
     def on_message_begin(self) -> None:
         """A request begins: its headers get the timeout (a kept-alive connection's next one too)."""
@@ -163,13 +163,14 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
         if cycle is None or cycle.scope is not self.scope:
             return
         if type(cycle.message_event) is asyncio.Event and not cycle.message_event.is_set():
-            cycle.message_event = _Gate(False)  # made just now by uvicorn, not awaited yet: the task has not run
+            # made just now by uvicorn, not awaited yet: the task has not run
+            cycle.message_event = _Gate(False)  # type: ignore[assignment]
         method = self.scope["method"]
         if method == "GET":
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions[CHUNK_WRITE] = ChunkWriter(cycle)
         elif method != "HEAD":  # a HEAD's headers have no body to wait for; a GET may be a stream (see _Cork)
-            self._cork = cycle.transport = _Cork(cycle, self.transport, self.loop)
+            self._cork = cycle.transport = _Cork(cycle, self.transport, self.loop)  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         """A response's held headers go out before anything this data makes uvicorn write (a 400, say)."""
@@ -187,7 +188,7 @@ class HttpToolsProtocol(httptools_impl.HttpToolsProtocol):
         super().on_response_complete()
 
 
-class _Pipeline(list):  # type: ignore[type-arg]
+class _Pipeline(list[Any]):
     """The protocol's queue of pipelined requests, as uvicorn uses it (``appendleft``, ``pop``, truth), in a list."""
 
     __slots__ = ()

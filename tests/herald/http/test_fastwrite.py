@@ -442,7 +442,8 @@ async def test_a_connection_gets_the_light_events_and_pipelined_requests_are_ans
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", str(len(body) + 1).encode())]})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body) + 1).encode())]})
         await asyncio.sleep(0.01)  # the next request waits in the protocol's pipeline meanwhile
         await send({"type": "http.response.body", "body": body + scope["path"][-1:].encode()})
 
