@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from herald.broker.base import BrokerError, BrokerUnavailable, IdempotencyConflict, IdempotencyInProgress
 from herald.domain import Command
 from herald.events import EventError, build_event
-from herald.http.gateway import Gateway
+from herald.http.gateway import Gateway, request_header
 from herald.http.limits import check_json_shape, enforce_rate_limit
 from herald.http.problems import HTTPProblem, problem_response
 from herald.hub import Subscriber
@@ -98,11 +98,11 @@ def parse_prefer(values: list[str], *, max_wait: float) -> Preferences:
 
 async def read_json_body(request: Request, max_body: int) -> Any:
     """The request's JSON body, bounded by ``max_body`` bytes; problems for anything else."""
-    content_type = request.headers.get("content-type", "")
+    content_type = request_header(request.scope, b"content-type") or ""
     if not JSON_TYPE.match(content_type):
         raise HTTPProblem(415, "commands take a JSON body: send Content-Type: application/json",
                           kind="unsupported-media-type", headers={"Accept-Post": "application/json"})
-    length = request.headers.get("content-length")
+    length = request_header(request.scope, b"content-length")
     if length is not None:
         if not (length.isascii() and length.isdigit()):
             raise HTTPProblem(400, "Content-Length is not a number", kind="bad-request")
@@ -305,17 +305,18 @@ async def serve(request: Request, command: Command, params: dict[str, str]) -> R
     """Answer one command request: its JSON body submitted, the operation (or a problem raised as HTTPProblem)."""
     gateway = Gateway.of(request)
     body = await read_json_body(request, gateway.settings.max_body)
-    headers = request.headers
+    scope = request.scope
+    prefer = request.headers.getlist("prefer") if request_header(scope, b"prefer") is not None else []
     result = await submit(
         request,
         command,
         params,
         body,
-        path=_url_path(request.scope),
-        idempotency_key=headers.get("idempotency-key"),
-        prefer=parse_prefer(headers.getlist("prefer"), max_wait=gateway.settings.max_wait),
-        traceparent=headers.get("traceparent"),
-        owner=request.scope.get("herald.subject"),
+        path=_url_path(scope),
+        idempotency_key=request_header(scope, b"idempotency-key"),
+        prefer=parse_prefer(prefer, max_wait=gateway.settings.max_wait),
+        traceparent=request_header(scope, b"traceparent"),
+        owner=scope.get("herald.subject"),
     )
     return Response(orjson.dumps(result.body), status_code=result.status, headers=result.headers,
                     media_type="application/json")

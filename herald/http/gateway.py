@@ -29,6 +29,21 @@ if TYPE_CHECKING:
     from herald.proxy.pool import UpstreamPool
 
 
+def request_header(scope: Any, name: bytes) -> str | None:
+    """The first value of the request header ``name`` (lower case), as Starlette's ``Headers.get``.
+
+    The headers are put in a dict once per request (kept in the scope with the list it was made of): a
+    command's answer reads five of them, and each ``Headers.get`` walked the list, a missing one by way
+    of a ``KeyError``.
+    """
+    raw = scope["headers"]
+    cached: tuple[Any, dict[bytes, bytes]] | None = scope.get("herald.headers")
+    if cached is None or cached[0] is not raw:  # made for this list (a middleware may put another in the scope)
+        cached = scope["herald.headers"] = (raw, dict(reversed(raw)))  # reversed: the first one wins
+    value = cached[1].get(name)
+    return value.decode("latin-1") if value is not None else None
+
+
 @dataclass(slots=True)
 class Gateway:
     """Settings, broker, hub and token signer of this process, and the URLs they hand out."""
@@ -46,6 +61,8 @@ class Gateway:
     """The push connections and long polls held now, against their caps (:mod:`herald.http.admission`)."""
     upstreams: UpstreamPool | None = None
     """Connections to the command proxy's upstreams, when a domain proxies (read routes, cancels)."""
+    _ws_origins: dict[tuple[str, str], str] = field(default_factory=dict)
+    """:meth:`ws_base_url`'s answers by ``Host`` and scheme (a few entries; emptied when it holds 256)."""
 
     @classmethod
     def of(cls, conn: HTTPConnection) -> Gateway:
@@ -79,14 +96,21 @@ class Gateway:
         """
         if self.settings.public_url:
             return "ws" + self.settings.public_url.removeprefix("http")
-        host = conn.headers.get("host", "")
-        name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
-        if not name or (port and not (port.isascii() and port.isdigit())):
-            name = host
-        if name not in self.settings.trusted_hosts:
-            return ""
-        scheme = "wss" if conn.scope.get("scheme", "http") in ("https", "wss") else "ws"  # the URL's, unbuilt
-        return f"{scheme}://{host}"
+        host = request_header(conn.scope, b"host") or ""
+        key = (host, conn.scope.get("scheme", "http"))
+        origin = self._ws_origins.get(key)
+        if origin is None:
+            name, _, port = host.rpartition(":") if not host.endswith("]") else (host, "", "")
+            if not name or (port and not (port.isascii() and port.isdigit())):
+                name = host
+            if name not in self.settings.trusted_hosts:
+                origin = ""
+            else:
+                origin = f"{'wss' if key[1] in ('https', 'wss') else 'ws'}://{host}"  # the URL's scheme, unbuilt
+            if len(self._ws_origins) >= 256:  # the Host is the client's to choose: keep the map small
+                self._ws_origins.clear()
+            self._ws_origins[key] = origin
+        return origin
 
     def mercure_link(self) -> str:
         """The ``Link`` header value that advertises the Mercure hub (``rel="mercure"``), for a resource's response.

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from herald.http.gateway import request_header
 from tests.herald.http.harness import Herald, assert_problem
 
 MESSAGE = {"author": "ann", "text": "hello"}
@@ -29,6 +31,33 @@ async def test_post_answers_202_with_location_retry_after_and_the_urls(idle_hera
     assert body["websocket_url"].startswith(f"/ws?topic=operations/{body['id']}&token=")
     assert "preference-applied" not in response.headers
     assert "idempotent-replayed" not in response.headers
+
+
+async def test_the_websocket_url_is_absolute_only_for_a_trusted_host_whatever_came_before(idle_herald: Herald) -> None:
+    urls = []
+    for host in ("localhost:8000", "evil.example", "localhost:8000", "127.0.0.1:9", "evil.example:8000"):
+        response = await idle_herald.send(headers={"Host": host})
+        assert response.status_code == 202, response.text
+        urls.append(response.json()["websocket_url"].split("/ws?")[0])
+    assert urls == ["ws://localhost:8000", "", "ws://localhost:8000", "ws://127.0.0.1:9", ""]
+
+
+def test_the_websocket_origins_kept_stay_few_however_many_hosts_ask(idle_herald: Herald) -> None:
+    gateway = idle_herald.gateway
+    for i in range(600):
+        conn = SimpleNamespace(scope={"headers": [(b"host", f"h{i}.example".encode())], "scheme": "https"})
+        assert gateway.ws_base_url(conn) == ""  # type: ignore[arg-type]
+    assert 0 < len(gateway._ws_origins) <= 256
+    conn = SimpleNamespace(scope={"headers": [(b"host", b"localhost")], "scheme": "https"})
+    assert gateway.ws_base_url(conn) == "wss://localhost"  # type: ignore[arg-type]
+
+
+def test_a_request_header_is_the_first_of_its_name_and_follows_a_new_header_list() -> None:
+    scope: dict[str, Any] = {"headers": [(b"host", b"a"), (b"prefer", b"wait=1"), (b"prefer", b"respond-async")]}
+    assert (request_header(scope, b"prefer"), request_header(scope, b"host"), request_header(scope, b"x")) == (
+        "wait=1", "a", None)
+    scope["headers"] = [(b"host", b"b")]  # a middleware put another list in: read again, not the first one's
+    assert (request_header(scope, b"host"), request_header(scope, b"prefer")) == ("b", None)
 
 
 async def test_two_posts_make_two_operations(idle_herald: Herald) -> None:
