@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 from starlette.requests import HTTPConnection
 
@@ -42,6 +42,29 @@ def request_header(scope: Any, name: bytes) -> str | None:
         cached = scope["herald.headers"] = (raw, dict(reversed(raw)))  # reversed: the first one wins
     value = cached[1].get(name)
     return value.decode("latin-1") if value is not None else None
+
+
+def query_values(scope: Any) -> dict[str, list[str]]:
+    """The request's query parameters, each name's values in order, parsed once per request.
+
+    Parsed as Starlette's ``QueryParams`` parses them (``parse_qsl`` of the latin-1 query, blanks
+    kept), without its multi-dict: a stream's connect read three of them, and building the
+    multi-dict was most of the parse. Kept in the scope with the query it was made of.
+    """
+    raw = scope.get("query_string", b"")
+    cached: tuple[Any, dict[str, list[str]]] | None = scope.get("herald.query")
+    if cached is None or cached[0] is not raw:
+        values: dict[str, list[str]] = {}
+        for name, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
+            values.setdefault(name, []).append(value)
+        cached = scope["herald.query"] = (raw, values)
+    return cached[1]
+
+
+def query_value(scope: Any, name: str) -> str | None:
+    """The last value of the query parameter ``name``, as ``QueryParams.get`` answers."""
+    found = query_values(scope).get(name)
+    return found[-1] if found else None
 
 
 @dataclass(slots=True)

@@ -28,7 +28,7 @@ from herald.broker.base import BrokerError, HistoryPage
 from herald.http.admission import Seat, token_key
 from herald.http.commands import parse_prefer, submit
 from herald.http.fastwrite import ChunkWriter, FrameWriter, take_chunk_writer, take_frame_writer
-from herald.http.gateway import Gateway
+from herald.http.gateway import Gateway, query_value, query_values, request_header
 from herald.http.limits import client_of
 from herald.http.problems import HTTPProblem, problem_response
 from herald.hub import HEARTBEAT, Gap, Subscriber
@@ -75,7 +75,7 @@ def _gap_fields(gap: Gap) -> dict[str, str | None]:
 
 
 def _token(conn: HTTPConnection) -> str | None:
-    return conn.query_params.get("token") or conn.cookies.get("herald_token")
+    return query_value(conn.scope, "token") or conn.cookies.get("herald_token")
 
 
 def admit(gateway: Gateway, conn: HTTPConnection, token: str | None) -> Seat:
@@ -445,7 +445,7 @@ async def _await_disconnect(receive: Receive, sub: Subscriber) -> None:
 
 
 def _last_event_id(request: Request) -> str | None:
-    return request.headers.get("last-event-id") or request.query_params.get("last_event_id") or None
+    return request_header(request.scope, b"last-event-id") or query_value(request.scope, "last_event_id") or None
 
 
 def _cursors_for(request: Request, topics: list[str]) -> list[str | None]:
@@ -514,7 +514,7 @@ async def topic_events(request: Request) -> Response:
     """``GET /topics/{topic}/events`` or ``GET /topics/events?topic=a&topic=b``."""
     gateway = Gateway.of(request)
     one = request.path_params.get("topic")
-    topics = _topics([unquote(one)] if one else request.query_params.getlist("topic"), gateway)
+    topics = _topics([unquote(one)] if one else list(query_values(request.scope).get("topic", ())), gateway)
     grant = _authorize(gateway, request, topics)
     await _check_owners(gateway, request, topics, grant)
     single_operation = len(topics) == 1 and topics[0].startswith("operations/")

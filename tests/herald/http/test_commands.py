@@ -8,8 +8,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from starlette.datastructures import QueryParams
 
-from herald.http.gateway import request_header
+from herald.http.gateway import query_value, query_values, request_header
 from tests.herald.http.harness import Herald, assert_problem
 
 MESSAGE = {"author": "ann", "text": "hello"}
@@ -58,6 +59,19 @@ def test_a_request_header_is_the_first_of_its_name_and_follows_a_new_header_list
         "wait=1", "a", None)
     scope["headers"] = [(b"host", b"b")]  # a middleware put another list in: read again, not the first one's
     assert (request_header(scope, b"host"), request_header(scope, b"prefer")) == ("b", None)
+
+
+@pytest.mark.parametrize("query", [b"", b"token=a", b"topic=a&topic=b%2Fc&token=x&token=y", b"token=&x",
+                                   b"q=a+b%20c&t=%E2%82%AC", b"a=1&&b=2;c=3", b"%3D=%26&last_event_id=5-1.abc"])
+def test_query_values_read_as_starlettes_query_params(query: bytes) -> None:
+    scope: dict[str, Any] = {"query_string": query}
+    expected = QueryParams(query)
+    values = query_values(scope)
+    assert {name: expected.getlist(name) for name in expected} == values
+    for name in ("token", "topic", "last_event_id", "q", "x", "missing"):
+        assert query_value(scope, name) == expected.get(name)
+    scope["query_string"] = b"token=other"  # another query in the same scope: parsed again
+    assert query_value(scope, "token") == "other"
 
 
 async def test_two_posts_make_two_operations(idle_herald: Herald) -> None:
